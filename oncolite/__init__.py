@@ -1,0 +1,1 @@
+"""oncolite: one CLI over the data, train, quantize, edge-runtime and benchmark stages."""

@@ -1,0 +1,5 @@
+import sys
+
+from oncolite.cli import main
+
+sys.exit(main())

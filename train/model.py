@@ -1,0 +1,127 @@
+"""MobileNetV2 classifier, built as one flat tf-keras model so tfmot can quantize it as it is.
+
+No Rescaling layer: pixel normalization happens in edge_runtime.preprocess, the one
+preprocessing shared by training and the device (tfmot cannot quantize Rescaling either).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tf_keras as keras
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_WEIGHTS = REPO_ROOT / "pretrained" / "mobilenet_v2_1.0_224_imagenet_no_top.h5"
+
+HEADS = ("compact", "reference")
+
+
+def backbone_weights(alpha: float, weights: str | None) -> str | None:
+    """Resolve `weights` ("imagenet", a path, or None) to what keras.applications accepts.
+
+    "imagenet" prefers the repo's shipped file (works offline); other alphas fall back to
+    Keras' own download, which needs a network.
+    """
+    if weights != "imagenet":
+        return weights
+    if alpha == 1.0 and SHIPPED_WEIGHTS.exists():
+        return str(SHIPPED_WEIGHTS)
+    return "imagenet"
+
+
+def build_classifier(num_classes: int, height: int = 224, width: int = 224, alpha: float = 1.0,
+                     head: str = "compact", dropout: float = 0.2, dense_units: int = 0,
+                     weights: str | None = "imagenet") -> keras.Model:
+    """MobileNetV2 backbone + classification head, flat (every layer at the top level).
+
+    head="compact": global average pooling, dropout, [dense_units ReLU], softmax dense; small and
+    int8-friendly. head="reference": the reference study's Flatten, Dense 1024, Dropout 0.5, Dense.
+    """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    resolved = backbone_weights(alpha, weights)
+    base = keras.applications.MobileNetV2(input_shape=(height, width, 3), alpha=alpha, include_top=False,
+                                          weights=None if resolved and os.path.exists(resolved) else resolved)
+    if resolved and os.path.exists(resolved):
+        # by_name would silently skip mismatches; the shipped file matches layer for layer.
+        base.load_weights(resolved)
+    x = base.output
+    if head == "compact":
+        x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+        if dense_units:
+            x = keras.layers.Dense(dense_units, activation="relu", name="head_dense")(x)
+            x = keras.layers.Dropout(dropout, name="head_dropout_2")(x)
+    else:
+        x = keras.layers.Flatten(name="head_flatten")(x)
+        x = keras.layers.Dense(dense_units or 1024, activation="relu", name="head_dense")(x)
+        x = keras.layers.Dropout(0.5, name="head_dropout")(x)
+    # float32 output even under mixed precision: softmax in float16 loses small probabilities.
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    return keras.Model(base.input, outputs, name=f"mobilenetv2_{head}")
+
+
+def head_layers(model: keras.Model) -> list:
+    return [layer for layer in model.layers if layer.name.startswith("head_") or layer.name == "predictions"]
+
+
+def backbone_layers(model: keras.Model) -> list:
+    heads = {id(layer) for layer in head_layers(model)}
+    return [layer for layer in model.layers if id(layer) not in heads and not isinstance(layer, keras.layers.InputLayer)]
+
+
+def set_trainable_depth(model: keras.Model, depth: int | None) -> None:
+    """Freeze the backbone except its top `depth` layers (0: all frozen; None: all trainable).
+
+    BatchNormalization layers stay frozen (inference mode) in any case: with a few hundred
+    images their statistics would drift (see NOTES: momentum 0.999 collapses to one class).
+    """
+    backbone = backbone_layers(model)
+    cut = len(backbone) if depth is None else max(0, len(backbone) - depth)
+    for i, layer in enumerate(backbone):
+        layer.trainable = i >= cut and not isinstance(layer, keras.layers.BatchNormalization)
+    for layer in head_layers(model):
+        layer.trainable = True
+
+
+def head_summary(model: keras.Model) -> dict:
+    """Parameter count and float32 size of the head, for the report."""
+    params = sum(int(w.shape.num_elements()) for layer in head_layers(model) for w in layer.weights)
+    return {"head_params": params, "head_bytes_fp32": params * 4, "total_params": int(model.count_params())}
+
+
+def is_flat(model: keras.Model) -> bool:
+    return not any(isinstance(layer, keras.Model) for layer in model.layers)
+
+
+def flatten(model: keras.Model) -> keras.Model:
+    """Rebuild a model with nested sub-models as one flat graph and copy the weights.
+
+    Handles the common transfer-learning shape `Sequential/Functional([backbone, head...])`
+    where the backbone is a functional sub-model applied once.
+    """
+    if is_flat(model):
+        return model
+    inputs = keras.Input(shape=model.input_shape[1:], name="input")
+    x = inputs
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.Model):
+            sub = flatten(layer)
+            x = _apply_functional(sub, x)
+        else:
+            clone = layer.__class__.from_config(layer.get_config())
+            x = clone(x)
+            clone.set_weights(layer.get_weights())
+    flat = keras.Model(inputs, x, name=f"{model.name}_flat")
+    return flat
+
+
+def _apply_functional(sub: keras.Model, tensor):
+    """Re-apply each layer of a functional model on `tensor` with fresh copies of its layers."""
+    cloned = keras.models.clone_model(sub, input_tensors=tensor)
+    cloned.set_weights(sub.get_weights())
+    return cloned.output
