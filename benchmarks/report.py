@@ -1,0 +1,314 @@
+"""The benchmark report: report.json, report.md and PNG plots; --compare tables across devices/runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.atomic import atomic_path, write_json, write_text
+
+FLOAT = "keras_float"
+# Published MobileNetV2 (1.0, 224 px) latencies, batch 1; the sources as /work/shared/NOTES.md gives them.
+# `match` holds lowercase fragments of a device's CPU / model description.
+PUBLISHED = [
+    {"device": "Raspberry Pi 4 (Cortex-A72, ARM64, multi-thread XNNPACK)", "match": ["raspberry pi 4", "cortex-a72"],
+     "fp32_ms": 46, "int8_ms": 17, "source": "XNNPACK published MobileNetV2 benchmarks (cited in NOTES.md)"},
+    {"device": "Raspberry Pi 3B+ (Cortex-A53, ARM64, multi-thread XNNPACK)", "match": ["raspberry pi 3", "cortex-a53"],
+     "fp32_ms": 79, "int8_ms": 30, "source": "XNNPACK published MobileNetV2 benchmarks (cited in NOTES.md)"},
+    {"device": "Pixel 2", "match": ["pixel 2"], "fp32_ms": 89, "int8_ms": 54,
+     "source": "TFLite docs, quantization-aware training (float vs QAT int8; cited in NOTES.md)"},
+]
+
+
+def fmt(value, digits=3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def with_ci(v: dict, key: str) -> str:
+    ci = (v.get("ci") or {}).get(key)
+    text = fmt(v.get(key))
+    return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and v.get(key) is not None else text
+
+
+def published_matches(device_text: str) -> list[dict]:
+    text = (device_text or "").lower()
+    return [p for p in PUBLISHED if any(m in text for m in p["match"])]
+
+
+def accuracy_table(report: dict) -> list[str]:
+    lines = ["| model | accuracy | balanced acc. | macro F1 | ROC-AUC | PR-AUC | MCC | agreement with float | "
+             "mean abs Δp | McNemar p (only float right / only this right) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, v in report["variants"].items():
+        a = v.get("agreement_ci") or [None, None]
+        m = v.get("mcnemar") or {}
+        agreement = f"{v['agreement_with_float']:.1%} [{a[0]:.1%}, {a[1]:.1%}]" if a[0] is not None else "—"
+        lines.append(f"| {name} | {with_ci(v, 'accuracy')} | {with_ci(v, 'balanced_accuracy')} | {with_ci(v, 'f1_macro')} | "
+                     f"{with_ci(v, 'roc_auc_macro')} | {with_ci(v, 'pr_auc_macro')} | {with_ci(v, 'mcc')} | {agreement} | "
+                     f"{fmt(v.get('mean_abs_prob_diff'), 4)} | {fmt(m.get('p_value'), 4)} "
+                     f"({m.get('only_ref_correct', '—')} / {m.get('only_other_correct', '—')}) |")
+    return lines
+
+
+def per_class_table(report: dict) -> list[str]:
+    labels = report["labels"]
+    lines = ["| model | " + " | ".join(f"{label} ΔF1 / Δrecall" for label in labels) + " |",
+             "| --- |" + " --- |" * len(labels)]
+    for name, v in report["variants"].items():
+        if name == FLOAT or not v.get("per_class_delta"):
+            continue
+        d = v["per_class_delta"]
+        lines.append(f"| {name} | " + " | ".join(f"{d[label]['f1']:+.3f} / {d[label]['recall']:+.3f}" for label in labels) + " |")
+    return lines
+
+
+def cost_table(report: dict) -> list[str]:
+    threads = [str(t) for t in report["settings"]["threads"]]
+    columns = ["model", "size (KB)", "×fp32", "×Keras", "load (ms)", "peak RSS (MB)",
+               *(f"p50 / p90 / p99 ms @{t}" for t in threads), *(f"× faster than Keras @{t}" for t in threads)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for name, v in report["variants"].items():
+        if v.get("size_bytes") is None:
+            continue
+        lat = v.get("latency_ms") or {}
+        speed = v.get("speedup_vs_keras") or {}
+        cells = [f"{fmt(lat[t]['p50'], 2)} / {fmt(lat[t]['p90'], 2)} / {fmt(lat[t].get('p99'), 2)}" if t in lat else "—"
+                 for t in threads]
+        cells += [f"{speed[t]:.1f}×" if t in speed else "—" for t in threads]
+        lines.append(" | ".join([f"| {name}", f"{v['size_bytes'] / 1024:.0f}", fmt(v.get("size_ratio_fp32"), 2),
+                                 fmt(v.get("size_ratio_keras"), 2), fmt(v.get("load_ms"), 1),
+                                 fmt(v.get("peak_rss_mb"), 0), *cells]) + " |")
+    return lines
+
+
+def confusion_tables(report: dict) -> list[str]:
+    labels = report["labels"]
+    lines = []
+    names = [n for n, v in report["variants"].items() if v.get("confusion_matrix")]
+    lines += ["Rows: true class, columns: predicted, in label order " + ", ".join(labels) + ".", "",
+              "| true | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for i, label in enumerate(labels):
+        lines.append(f"| {label} | " + " | ".join(" ".join(f"{c:>3d}" for c in report["variants"][n]["confusion_matrix"][i])
+                                                   for n in names) + " |")
+    return lines
+
+
+def devices_section(report: dict) -> list[str]:
+    lines = []
+    for target, dev in (report.get("devices") or {}).items():
+        lines += ["", f"### Device {target}", "", f"- machine: {dev.get('machine', {}).get('cpu_model')} "
+                  f"({dev.get('machine', {}).get('machine')}), {dev.get('machine', {}).get('os')}, "
+                  f"Python {dev.get('machine', {}).get('python')}; interpreter {dev.get('interpreter')}"]
+        for note in dev.get("notes", []):
+            lines.append(f"- **{note}**")
+        lines += ["", "| model | threads | p50 ms | p90 ms | agreement with this machine | max abs Δp |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, v in dev.get("variants", {}).items():
+            for t, lat in (v.get("latency_ms") or {"—": {}}).items():
+                agree = v.get("agreement_with_local")
+                lines.append(f"| {name} | {t} | {fmt(lat.get('p50'), 2)} | {fmt(lat.get('p90'), 2)} | "
+                             f"{'—' if agree is None else f'{agree:.1%}'} | {fmt(v.get('max_abs_prob_diff'), 4)} |")
+    return lines
+
+
+def published_section(report: dict) -> list[str]:
+    devices = [report.get("machine", {}).get("cpu_model", "")] + [
+        f"{d.get('machine', {}).get('cpu_model', '')} {d.get('machine', {}).get('model', '')}" for d in (report.get("devices") or {}).values()]
+    matched = {p["device"] for text in devices for p in published_matches(text)}
+    lines = ["", "## Published reference numbers (MobileNetV2 1.0, 224 px, batch 1)", "",
+             "Comparable to ours only for the same architecture and input size on the same device.", "",
+             "| device | fp32 ms | int8 ms | source | matches a device here |", "| --- | --- | --- | --- | --- |"]
+    for p in PUBLISHED:
+        lines.append(f"| {p['device']} | {p['fp32_ms']} | {p['int8_ms']} | {p['source']} | "
+                     f"{'yes' if p['device'] in matched else 'no'} |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    m, split, s = report.get("machine", {}), report.get("split", {}), report["settings"]
+    lines = ["# Benchmark: float Keras model vs TFLite variants", ""]
+    if report.get("command"):
+        lines += [f"Made by: `{report['command']}`", ""]
+    lines += [f"- machine: {m.get('cpu_model')} ({', '.join(m.get('cpu_flags', [])) or 'no flags recorded'}), "
+              f"{m.get('usable_cores')} usable cores, {m.get('os')}, Python {m.get('python')}",
+              f"- interpreters: {json.dumps(m.get('interpreters'))}",
+              f"- git commit: {report.get('git', {}).get('commit')}{' (uncommitted changes)' if report.get('git', {}).get('dirty') else ''}",
+              f"- split: {split.get('kind')}, seed {split.get('seed')}, side {split.get('side')}, "
+              f"{split.get('n_' + str(split.get('side')))} images, conflicts excluded: {split.get('conflicts_excluded')}; "
+              f"manifest sha256 {split.get('manifest_sha256')}",
+              f"- timing: {s['warmup']} warm-up + {s['runs']} timed single-image runs over {s['latency_images']} images, "
+              "each model in its own process; preprocessing timed apart from inference",
+              "", "## Accuracy (95 % bootstrap CIs; agreement: Wilson CI; McNemar: exact, vs the float model)", "",
+              *accuracy_table(report), "", "### Per-class change against the float model", "", *per_class_table(report),
+              "", "## Cost", "", *cost_table(report), "", "## Confusion matrices", "", *confusion_tables(report)]
+    lines += devices_section(report)
+    lines += published_section(report)
+    if report.get("failures"):
+        lines += ["", "## Failures", ""] + [f"- {json.dumps(f)}" for f in report["failures"]]
+    lines += ["", "Model sha256: " + ", ".join(f"{n} `{v['sha256'][:12]}`" for n, v in report["variants"].items() if v.get("sha256"))]
+    return "\n".join(lines) + "\n"
+
+
+# --- plots ----------------------------------------------------------------------------------------
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    fig.clf()
+
+
+def plot_accuracy_vs_size(report: dict, path: Path) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, v in report["variants"].items():
+        if v.get("size_bytes") is None or v.get("accuracy") is None:
+            continue
+        ci = v["ci"].get("accuracy") or [v["accuracy"]] * 2
+        ax.errorbar(v["size_bytes"] / 2 ** 20, v["accuracy"], yerr=[[v["accuracy"] - ci[0]], [ci[1] - v["accuracy"]]],
+                    fmt="o", capsize=3)
+        ax.annotate(name, (v["size_bytes"] / 2 ** 20, v["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("accuracy (95 % CI)")
+    ax.set_title("accuracy vs size")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_latency(report: dict, path: Path) -> None:
+    plt = _figure()
+    threads = [str(t) for t in report["settings"]["threads"]]
+    names = [n for n, v in report["variants"].items() if v.get("latency_ms")]
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 1.3), 4))
+    width = 0.8 / max(1, len(threads))
+    for k, t in enumerate(threads):
+        xs, p50, lo, hi = [], [], [], []
+        for i, n in enumerate(names):
+            lat = report["variants"][n]["latency_ms"].get(t)
+            if lat:
+                xs.append(i + k * width)
+                p50.append(lat["p50"])
+                lo.append(lat["p50"] - lat.get("min", lat["p50"]))
+                hi.append(lat["p90"] - lat["p50"])
+        ax.bar(xs, p50, width, yerr=[lo, hi], capsize=2, label=f"{t} thread{'s' if t != '1' else ''}")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=20, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per image (p50; bars from min to p90)")
+    ax.set_title("inference latency, batch 1")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_confusions(report: dict, path: Path) -> None:
+    plt = _figure()
+    names = [n for n, v in report["variants"].items() if v.get("confusion_matrix")]
+    labels = report["labels"]
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.8), squeeze=False)
+    for ax, n in zip(axes[0], names):
+        cm = np.asarray(report["variants"][n]["confusion_matrix"])
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), c in np.ndenumerate(cm):
+            ax.text(j, i, str(c), ha="center", va="center", fontsize=8,
+                    color="white" if c > cm.max() / 2 else "black")
+        ax.set_title(n, fontsize=8)
+        ax.set_xticks(range(len(labels)), [lab[:6] for lab in labels], fontsize=7)
+        ax.set_yticks(range(len(labels)), [lab[:6] for lab in labels], fontsize=7)
+    axes[0][0].set_ylabel("true")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def reliability(y, probs, bins: int = 10) -> dict:
+    """Top-1 confidence vs accuracy in equal-width bins, and the expected calibration error."""
+    conf = probs.max(1)
+    right = probs.argmax(1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    rows = [(float(conf[which == b].mean()), float(right[which == b].mean()), int(np.sum(which == b)))
+            for b in range(bins) if np.any(which == b)]
+    ece = sum(n * abs(c - a) for c, a, n in rows) / len(y)
+    return {"confidence": [r[0] for r in rows], "accuracy": [r[1] for r in rows], "count": [r[2] for r in rows],
+            "ece": float(ece)}
+
+
+def plot_reliability(curves: dict, path: Path) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], ls=":", color="grey")
+    for name, c in curves.items():
+        ax.plot(c["confidence"], c["accuracy"], marker="o", label=f"{name} (ECE {c['ece']:.3f})")
+    ax.set_xlabel("top-1 confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability: float vs int8")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, report: dict, probs: dict, y) -> str:
+    """report.json, report.md and the plots; returns the Markdown."""
+    out_dir = Path(out_dir)
+    int8 = [n for n in ("tflite_int8_qat", "tflite_int8_ptq") if n in probs]
+    report["calibration"] = {n: reliability(np.asarray(y), probs[n]) for n in [FLOAT, *int8]}
+    plot_accuracy_vs_size(report, out_dir / "accuracy_vs_size.png")
+    if any(v.get("latency_ms") for v in report["variants"].values()):
+        plot_latency(report, out_dir / "latency.png")
+    plot_confusions(report, out_dir / "confusion_matrices.png")
+    plot_reliability(report["calibration"], out_dir / "reliability.png")
+    md = markdown(report)
+    write_json(out_dir / "report.json", report)
+    write_text(out_dir / "report.md", md)
+    return md
+
+
+# --- --compare ------------------------------------------------------------------------------------
+
+def compare_reports(reports: list[dict]) -> dict:
+    """One row per (source, variant): the local machine of each report and each of its devices."""
+    rows = []
+    for k, r in enumerate(reports):
+        source = f"{r.get('machine', {}).get('cpu_model') or 'unknown'} [{r.get('run', k)}]"
+        for name, v in r["variants"].items():
+            rows.append({"source": source, "variant": name, "accuracy": v.get("accuracy"), "mcc": v.get("mcc"),
+                         "roc_auc_macro": v.get("roc_auc_macro"), "agreement_with_float": v.get("agreement_with_float"),
+                         "size_bytes": v.get("size_bytes"), "latency_ms": v.get("latency_ms") or {},
+                         "commit": r.get("git", {}).get("commit"), "split": r.get("split")})
+        for target, dev in (r.get("devices") or {}).items():
+            for name, v in dev.get("variants", {}).items():
+                rows.append({"source": f"{target} [{r.get('run', k)}]", "variant": name,
+                             "agreement_with_local": v.get("agreement_with_local"),
+                             "size_bytes": r["variants"].get(name, {}).get("size_bytes"),
+                             "latency_ms": v.get("latency_ms") or {}, "notes": dev.get("notes", [])})
+    threads = sorted({t for row in rows for t in row["latency_ms"]}, key=int)
+    return {"format": "oncolite-benchmark-compare/1", "threads": threads, "rows": rows}
+
+
+def comparison_markdown(merged: dict) -> str:
+    threads = merged["threads"]
+    lines = ["| source | variant | accuracy | MCC | ROC-AUC | agreement | size (KB) | "
+             + " | ".join(f"p50 ms @{t}" for t in threads) + " |", "| --- |" * 1 + " --- |" * (6 + len(threads))]
+    for row in merged["rows"]:
+        agree = row.get("agreement_with_float", row.get("agreement_with_local"))
+        size = row.get("size_bytes")
+        lines.append(f"| {row['source']} | {row['variant']} | {fmt(row.get('accuracy'))} | {fmt(row.get('mcc'))} | "
+                     f"{fmt(row.get('roc_auc_macro'))} | {fmt(agree)} | {'—' if size is None else f'{size / 1024:.0f}'} | "
+                     + " | ".join(fmt(row["latency_ms"].get(t, {}).get("p50"), 2) for t in threads) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(out_dir: Path, merged: dict) -> str:
+    md = comparison_markdown(merged)
+    write_json(Path(out_dir) / "compare.json", merged)
+    write_text(Path(out_dir) / "compare.md", md)
+    return md

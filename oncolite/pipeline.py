@@ -1,0 +1,213 @@
+"""`oncolite run`: audit, split, train, quantize, export, benchmark, report in one run directory.
+
+Each stage is the same command a user would type (`oncolite audit ...`, `oncolite train ...`),
+so the pipeline adds no second code path. stages.json records finished stages: a re-run skips
+them and resumes an interrupted one (train and quantize resume from their checkpoints, export
+skips finished variants); `--from STAGE` redoes that stage and everything after it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from edge_runtime.atomic import write_json, write_text
+from edge_runtime.console import add_output_flags, print_json
+from edge_runtime.errors import EXIT_OK, OncoliteError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT / "data" / "busi"
+STAGES = ("audit", "split", "train", "quantize", "export", "benchmark", "report")
+# The headline numbers of the summary table and of the shipped README table.
+SUMMARY_VARIANTS = ("keras_float", "tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8_ptq", "tflite_int8_qat")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("data", nargs="?", default=str(DEFAULT_DATA),
+                        help="dataset folder or CSV (default: the shipped BUSI copy, data/busi)")
+    parser.add_argument("--run", help="run directory (default: runs/<dataset>-<profile>)")
+    parser.add_argument("--profile", choices=("quick", "full"),
+                        help="quick: < 20 min on 2 CPU cores, one fold; full: 224 px, full epochs, 5-fold CV "
+                             "(default: full with a GPU, quick without)")
+    parser.add_argument("--dataset", help="dataset defaults (configs/datasets/<name>.json; default: from the layout)")
+    parser.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
+    parser.add_argument("--folds", type=int, help="CV folds to train and benchmark (default: the profile's)")
+    parser.add_argument("--random", action="store_true", help="naive random split (to show what leakage does)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--publish", metavar="NAME",
+                        help="copy the fold-0 int8 QAT and fp32 models to models/NAME/ and the reports to reports/NAME/")
+    add_output_flags(parser)
+
+
+def main(args) -> int:
+    from oncolite.cli import COMMANDS
+    from edge_runtime.cli import dispatch
+
+    profile = args.profile or ("full" if _has_gpu() else "quick")
+    data = Path(args.data)
+    if not data.exists():
+        raise OncoliteError(f"{data}: no such dataset; pass a dataset folder or CSV (default: {DEFAULT_DATA})")
+    dataset = args.dataset or _dataset_name(data)
+    run = Path(args.run or REPO_ROOT / "runs" / f"{dataset}-{profile}{'-random' if args.random else ''}")
+    run.mkdir(parents=True, exist_ok=True)
+    folds = args.folds or _profile_folds(dataset, profile)
+    state = _load_state(run)
+    if args.from_stage:
+        state = {k: v for k, v in state.items() if STAGES.index(k.split("/")[-1]) < STAGES.index(args.from_stage)}
+        _save_state(run, state)
+
+    quiet = ["--quiet"] if args.quiet or args.json else []
+    manifest = run / "manifest.json"
+    fold_dirs = [run] if folds == 1 else [run / "folds" / str(i) for i in range(folds)]
+    plan = [("audit", ["audit", str(data), "--out", str(run / "audit")]),
+            ("split", ["split", str(data), "--out", str(manifest), "--folds", str(max(folds, 5)),
+                       "--seed", str(args.seed), *(["--random"] if args.random else [])])]
+    for i, fold_dir in enumerate(fold_dirs):
+        prefix = "" if folds == 1 else f"fold{i}/"
+        resume = ["--resume", str(fold_dir)] if (fold_dir / "train" / "state").exists() else []
+        plan += [(f"{prefix}train", ["train", "--manifest", str(manifest), "--run", str(fold_dir),
+                                     "--profile", profile, "--dataset", dataset, "--fold", str(i), *resume]),
+                 (f"{prefix}quantize", ["quantize", str(fold_dir)]),
+                 (f"{prefix}export", ["export", str(fold_dir)]),
+                 (f"{prefix}benchmark", ["benchmark", str(fold_dir),
+                                         *([] if i == 0 else ["--threads", "none"])])]
+
+    started = time.monotonic()
+    for n, (key, argv) in enumerate(plan, 1):
+        if state.get(key, {}).get("status") == "done":
+            _say(args, f"[{n}/{len(plan) + 1}] {key}: done before, skipped")
+            continue
+        _say(args, f"[{n}/{len(plan) + 1}] {key}: oncolite {' '.join(argv)}")
+        t0 = time.monotonic()
+        code = dispatch("oncolite", COMMANDS, argv + quiet)
+        if code != EXIT_OK:
+            print(f"oncolite run: stage {key} failed (exit {code}); fix it and re-run the same command to resume",
+                  file=sys.stderr)
+            return code
+        state[key] = {"status": "done", "seconds": round(time.monotonic() - t0, 1), "argv": argv}
+        _save_state(run, state)
+
+    summary = summarize(run, fold_dirs)
+    summary["profile"] = profile
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    write_json(run / "report.json", summary)
+    write_text(run / "report.md", summary_markdown(summary, command=" ".join(["oncolite", "run", *sys.argv[2:]])))
+    if args.publish:
+        publish(run, fold_dirs[0], args.publish)
+    if args.json:
+        print_json(summary)
+    elif not args.quiet:
+        print(summary_markdown(summary))
+        print(f"run directory: {run}")
+    return EXIT_OK
+
+
+def summarize(run: Path, fold_dirs: list[Path]) -> dict:
+    """Headline numbers per variant: each fold's, and mean and spread across folds."""
+    import numpy as np
+
+    per_fold = [json.loads((d / "benchmark" / "report.json").read_text()) for d in fold_dirs]
+    keys = ("accuracy", "mcc", "roc_auc_macro", "f1_macro", "agreement_with_float")
+    variants = {}
+    for name in SUMMARY_VARIANTS:
+        rows = [r["variants"][name] for r in per_fold if name in r["variants"]]
+        if not rows:
+            continue
+        entry = {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows])),
+                     "folds": [r[k] for r in rows]} for k in keys if all(r.get(k) is not None for r in rows)}
+        first = per_fold[0]["variants"].get(name, {})
+        entry["size_bytes"] = first.get("size_bytes")
+        entry["latency_ms"] = first.get("latency_ms")
+        entry["ci_fold0"] = first.get("ci")
+        variants[name] = entry
+    return {"variants": variants, "split": per_fold[0].get("split"), "folds": len(fold_dirs),
+            "run": str(run), "stages": _load_state(run)}
+
+
+def summary_markdown(summary: dict, command: str | None = None) -> str:
+    folds = summary["folds"]
+    lines = []
+    if command:
+        lines += [f"Made by: `{command}`", ""]
+    lines += [f"{'mean ± sd over ' + str(folds) + ' folds' if folds > 1 else 'one held-out split'}; "
+              f"split: {json.dumps(summary.get('split'))}", "",
+              "| variant | accuracy | MCC | ROC-AUC | agreement | size (KB) | p50 ms (2 threads) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def cell(entry, key):
+        if key not in entry:
+            return "—"
+        m, s = entry[key]["mean"], entry[key]["std"]
+        return f"{m:.3f} ± {s:.3f}" if folds > 1 else f"{m:.3f}"
+
+    for name, e in summary["variants"].items():
+        lat = (e.get("latency_ms") or {}).get("2", {}).get("p50")
+        size = e.get("size_bytes")
+        lines.append(f"| {name} | {cell(e, 'accuracy')} | {cell(e, 'mcc')} | {cell(e, 'roc_auc_macro')} | "
+                     f"{cell(e, 'agreement_with_float')} | {size / 1024:.0f} | " if size else
+                     f"| {name} | {cell(e, 'accuracy')} | {cell(e, 'mcc')} | {cell(e, 'roc_auc_macro')} | "
+                     f"{cell(e, 'agreement_with_float')} | — | ")
+        lines[-1] += f"{lat:.2f} |" if lat is not None else "— |"
+    return "\n".join(lines) + "\n"
+
+
+def publish(run: Path, fold_dir: Path, name: str) -> None:
+    """Ship the fold-0 models and the reports inside the repo (models/NAME, reports/NAME)."""
+    models, reports = REPO_ROOT / "models" / name, REPO_ROOT / "reports" / name
+    for variant in ("int8_qat", "fp32"):
+        for suffix in (".tflite", ".json"):
+            _copy(fold_dir / "models" / f"{variant}{suffix}", models / f"{variant}{suffix}")
+    _copy(fold_dir / "benchmark" / "report.json", reports / "benchmark.json")
+    _copy(fold_dir / "benchmark" / "report.md", reports / "benchmark.md")
+    for png in (fold_dir / "benchmark").glob("*.png"):
+        _copy(png, reports / "benchmark" / png.name)
+    for f in (run / "audit").glob("*"):
+        _copy(f, reports / "audit" / f.name)
+    _copy(run / "manifest.json", reports / "manifest.json")
+    _copy(run / "report.json", reports / "run.json")
+    _copy(run / "report.md", reports / "run.md")
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if src.is_file():
+        from edge_runtime.atomic import atomic_path
+
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+
+
+def _has_gpu() -> bool:
+    import train  # noqa: F401
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _dataset_name(data: Path) -> str:
+    from train.datasets import detect_layout
+
+    layout = detect_layout(data)
+    return "busi" if layout in ("busi", "folders") and "busi" in data.name.lower() else layout
+
+
+def _profile_folds(dataset: str, profile: str) -> int:
+    from train.config import load_config
+
+    return int(load_config(dataset=dataset, profile=profile).get("folds", 1))
+
+
+def _load_state(run: Path) -> dict:
+    path = run / "stages.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_state(run: Path, state: dict) -> None:
+    write_json(run / "stages.json", state)
+
+
+def _say(args, line: str) -> None:
+    if not (args.quiet or args.json):
+        print(line, file=sys.stderr, flush=True)
