@@ -1,0 +1,37 @@
+"""Property tests of the one preprocessing: any size and mode -> (H, W, 3) float32 in [-1, 1]."""
+
+import io
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from edge_runtime.preprocess import Preprocessing, preprocess
+
+MODES = {"L": (np.uint8, 1), "LA": (np.uint8, 2), "P": (np.uint8, 1), "RGBA": (np.uint8, 4),
+         "CMYK": (np.uint8, 4), "I;16": (np.uint16, 1), "RGB": (np.uint8, 3)}
+
+
+def encode(mode: str, pixels: np.ndarray) -> bytes:
+    height, width = pixels.shape[:2]
+    if mode == "P":
+        im = Image.frombytes("L", (width, height), pixels.tobytes()).convert("P")
+    else:  # I;16 is little-endian 16-bit, as the native array on the machines we test on
+        im = Image.frombytes(mode, (width, height), pixels.astype(pixels.dtype.newbyteorder("<")).tobytes())
+    out = io.BytesIO()
+    im.save(out, format="TIFF" if mode == "CMYK" else "PNG")
+    return out.getvalue()
+
+
+@settings(max_examples=60, deadline=None)
+@given(mode=st.sampled_from(sorted(MODES)), width=st.integers(1, 48), height=st.integers(1, 48),
+       out_w=st.integers(1, 32), out_h=st.integers(1, 32), seed=st.integers(0, 2**16),
+       resample=st.sampled_from(["bilinear", "bicubic", "nearest", "area"]))
+def test_any_size_and_mode_gives_model_input(mode, width, height, out_w, out_h, seed, resample):
+    dtype, channels = MODES[mode]
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, np.iinfo(dtype).max, (height, width, channels), dtype=np.int64, endpoint=True).astype(dtype)
+    x = preprocess(encode(mode, pixels), Preprocessing(height=out_h, width=out_w, resample=resample))
+    assert x.shape == (out_h, out_w, 3) and x.dtype == np.float32
+    assert x.min() >= -1.0 and x.max() <= 1.0

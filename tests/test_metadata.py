@@ -1,0 +1,137 @@
+"""Standard TFLite metadata: written by edge_runtime.metadata, read back, and read by MediaPipe."""
+
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_models import LABELS, PREP, model_with_metadata, tflite_bytes, write_images
+from edge_runtime.errors import ModelError
+from edge_runtime.metadata import EXTRA_FILE, LABELS_FILE, metadata_buffer, read_metadata, write_metadata
+from edge_runtime.preprocess import Preprocessing
+
+THRESHOLD = {"positive": "malignant", "value": 0.25}
+
+
+def test_round_trip_labels_preprocessing_and_extra():
+    prep = Preprocessing(height=16, width=16, mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0), resample="bicubic")
+    model = write_metadata(tflite_bytes("int8"), name="busi int8", description="three classes", labels=LABELS,
+                           prep=prep, extra={"variant": "int8_qat", "threshold": THRESHOLD})
+    meta = read_metadata(model)
+    assert meta["name"] == "busi int8" and meta["description"] == "three classes"
+    assert meta["labels"] == LABELS
+    assert meta["prep"] == prep
+    assert meta["extra"]["threshold"] == THRESHOLD and meta["extra"]["variant"] == "int8_qat"
+    assert meta["min_parser_version"] == "1.0.0"
+
+
+def test_metadata_is_the_standard_layout():
+    model = model_with_metadata("int8")
+    raw = metadata_buffer(model)
+    assert model[4:8] == b"TFL3" and raw[4:8] == b"M001"
+    with zipfile.ZipFile(io.BytesIO(model)) as archive:
+        infos = {i.filename: i for i in archive.infolist()}
+        assert set(infos) == {LABELS_FILE, EXTRA_FILE}
+        # Stored, not compressed: MediaPipe maps associated files straight out of the model.
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in infos.values())
+        assert archive.read(LABELS_FILE).decode().split() == LABELS
+
+
+def test_writing_twice_replaces_the_metadata():
+    once = model_with_metadata("fp32")
+    twice = write_metadata(once, name="renamed", description="d", labels=["a", "b", "c"], prep=PREP, extra={})
+    meta = read_metadata(twice)
+    assert meta["name"] == "renamed" and meta["labels"] == ["a", "b", "c"]
+    from ai_edge_litert import schema_py_generated as schema
+
+    entries = schema.Model.GetRootAs(twice, 0)
+    names = [entries.Metadata(i).Name() for i in range(entries.MetadataLength())]
+    assert names.count(b"TFLITE_METADATA") == 1
+    assert entries.BuffersLength() == schema.Model.GetRootAs(once, 0).BuffersLength()  # no orphan buffer
+
+
+def test_model_with_metadata_still_runs_identically():
+    from ai_edge_litert.interpreter import Interpreter
+
+    outputs = []
+    for data in (tflite_bytes("int8"), model_with_metadata("int8")):
+        it = Interpreter(model_content=data)
+        it.allocate_tensors()
+        d = it.get_input_details()[0]
+        it.set_tensor(d["index"], np.arange(16 * 16 * 3, dtype=np.int64).reshape(d["shape"]).astype(np.int8))
+        it.invoke()
+        outputs.append(it.get_tensor(it.get_output_details()[0]["index"]))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_plain_model_has_no_metadata():
+    assert read_metadata(tflite_bytes("fp32")) is None
+
+
+def test_labels_must_be_single_lines():
+    with pytest.raises(ValueError, match="single lines"):
+        write_metadata(tflite_bytes("fp32"), name="x", description="", labels=["a\nb", "c", "d"], prep=PREP)
+
+
+def test_missing_label_file_is_reported():
+    model = model_with_metadata("fp32")
+    flat_only = model[:_zip_start(model)]
+    with pytest.raises(ModelError, match="labels.txt"):
+        read_metadata(flat_only)
+
+
+def _zip_start(model: bytes) -> int:
+    with zipfile.ZipFile(io.BytesIO(model)) as archive:
+        return min(i.header_offset for i in archive.infolist())
+
+
+MEDIAPIPE_CHECK = """
+import sys, numpy as np
+from PIL import Image
+import mediapipe as mp
+from mediapipe.tasks.python import vision
+from mediapipe.tasks.python.core.base_options import BaseOptions
+model, *images = sys.argv[1:]
+options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=model), max_results=1)
+with vision.ImageClassifier.create_from_options(options) as classifier:
+    for path in images:
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)
+        result = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=pixels))
+        print(result.classifications[0].categories[0].category_name)
+"""
+
+
+def _mediapipe_python() -> str | None:
+    """This interpreter if it has mediapipe, else $ONCOLITE_MEDIAPIPE_PYTHON: mediapipe needs
+    absl-py 2 and tfmot absl-py 1, so it usually lives in a venv of its own."""
+    try:
+        import mediapipe  # noqa: F401
+
+        return sys.executable
+    except ImportError:
+        return os.environ.get("ONCOLITE_MEDIAPIPE_PYTHON")
+
+
+def test_mediapipe_image_classifier_reads_our_metadata(tmp_path):
+    python = _mediapipe_python()
+    if not python:
+        pytest.skip("mediapipe not importable here; set ONCOLITE_MEDIAPIPE_PYTHON to a Python that has it")
+    from edge_models import model_file
+    from edge_runtime.model import EdgeModel
+
+    model_path = model_file(tmp_path, "uint8")  # MediaPipe refuses int8 inputs, takes uint8
+    # Images at the model's size: MediaPipe and our runtime resize differently.
+    images = write_images(tmp_path / "images", n=4, size=PREP.width)
+    ours = EdgeModel.load(model_path)
+    expected = [ours.labels[ours.decide(ours.predict_file(p))] for p in images]
+    script = tmp_path / "mediapipe_check.py"
+    script.write_text(MEDIAPIPE_CHECK)
+    done = subprocess.run([python, str(script), str(model_path), *map(str, images)], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == expected  # label names come from our labels.txt
