@@ -1,0 +1,149 @@
+// The field page: send one image to /api/predict and show the answer. No library, no network
+// beyond this server (the CSP forbids it anyway).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+// The access token arrives once as ?token=...; keep it for this tab only and take it out of
+// the address bar so it is not left in the history or shown over a shoulder.
+function takeToken() {
+  const url = new URL(window.location.href);
+  const fromUrl = url.searchParams.get("token");
+  if (fromUrl) {
+    sessionStorage.setItem("oncolite-token", fromUrl);
+    url.searchParams.delete("token");
+    history.replaceState(null, "", url.pathname + url.search + url.hash);
+  }
+  return sessionStorage.getItem("oncolite-token") || "";
+}
+
+let token = takeToken();
+
+function authHeaders() {
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+// Cancer-like classes red, lesion-but-benign amber, normal/negative green; others by position.
+function tone(label, index) {
+  const name = String(label).toLowerCase();
+  if (/^(non|no|not)[-_ ]|negative|normal|healthy/.test(name)) return "tone-green";
+  if (/malignan|cancer|carcinoma|idc|tumou?r|positive/.test(name)) return "tone-red";
+  if (/benign/.test(name)) return "tone-amber";
+  return "tone-" + (index % 6);
+}
+
+function show(id, visible) {
+  $(id).hidden = !visible;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  show("error", true);
+}
+
+async function loadHealth() {
+  const response = await fetch("/api/health", { headers: authHeaders() });
+  if (response.status === 401) {
+    askForToken();
+    $("model-line").textContent = "Access token required";
+    return;
+  }
+  const health = await response.json();
+  const model = health.model || {};
+  $("model-line").textContent = (model.name || "model") + " · " + health.labels.join(" / ");
+}
+
+function askForToken() {
+  show("token-form", true);
+  $("token").focus();
+}
+
+function renderResult(result) {
+  const labels = Object.keys(result.probabilities);
+  const prediction = $("prediction");
+  prediction.textContent = result.label;
+  prediction.dataset.label = result.label;
+  prediction.className = "label " + tone(result.label, labels.indexOf(result.label));
+
+  const bars = $("bars");
+  bars.replaceChildren();
+  labels.forEach((label, index) => {
+    const p = result.probabilities[label];
+    const item = document.createElement("li");
+    item.dataset.label = label;
+    item.dataset.probability = String(p);
+    if (label === result.label) item.classList.add("chosen");
+
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = label;
+    const value = document.createElement("span");
+    value.className = "value";
+    value.textContent = (100 * p).toFixed(1) + " %";
+    const track = document.createElement("div");
+    track.className = "track";
+    track.setAttribute("role", "img");
+    track.setAttribute("aria-label", label + " " + (100 * p).toFixed(1) + " percent");
+    const fill = document.createElement("div");
+    fill.className = "fill " + tone(label, index);
+    // CSSOM assignment, not a style attribute: allowed by the CSP's style-src 'self'.
+    fill.style.width = Math.max(0, Math.min(100, 100 * p)).toFixed(1) + "%";
+    track.append(fill);
+    item.append(name, value, track);
+    bars.append(item);
+  });
+
+  $("meta").textContent = result.model.name + " · " + result.latency_ms.toFixed(1) + " ms on " + result.model.backend;
+  show("result", true);
+}
+
+async function classify(file) {
+  show("error", false);
+  show("busy", true);
+  const preview = $("preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+
+  const form = new FormData();
+  form.append("image", file);
+  try {
+    const response = await fetch("/api/predict", { method: "POST", body: form, headers: authHeaders() });
+    const body = await response.json().catch(() => ({}));
+    if (response.status === 401) {
+      askForToken();
+      showError("This server needs an access token. Enter it below, then choose the image again.");
+      return;
+    }
+    if (!response.ok) {
+      show("result", false);
+      showError(body.error || "The server could not classify this image (HTTP " + response.status + ").");
+      return;
+    }
+    renderResult(body);
+  } catch (err) {
+    show("result", false);
+    showError("Could not reach the server. Check the connection and try again.");
+  } finally {
+    show("busy", false);
+  }
+}
+
+function onPick(event) {
+  const file = event.target.files && event.target.files[0];
+  if (file) classify(file);
+  event.target.value = "";  // choosing the same file again still triggers a change
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("camera").addEventListener("change", onPick);
+  $("file").addEventListener("change", onPick);
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    token = $("token").value.trim();
+    sessionStorage.setItem("oncolite-token", token);
+    show("token-form", false);
+    show("error", false);
+    loadHealth();
+  });
+  loadHealth().catch(() => showError("Could not reach the server."));
+});
