@@ -1,0 +1,290 @@
+"""`oncolite quantize RUN_DIR`: quantization-aware fine-tuning of a run's float model.
+
+The recipe follows what was measured here (docs NOTES, "tfmot quantization-aware training"):
+1. flatten the float model (tfmot refuses nested models) and wrap it with `quantize_model`;
+2. freeze the BatchNorm wrappers (quantize_model clones layers, so frozen BN would train again);
+3. settle the fake-quant ranges before any weight moves: a fresh QAT model predicts garbage
+   until its moving-average ranges have seen data, and with tfmot's fixed EMA decay of 0.999
+   that takes thousands of steps. During settling the decay is t/(t+1), so after N batches each
+   range is exactly the mean of the N batch extremes (the EMA's own target);
+4. fine-tune a few epochs at a low learning rate on the training side, by default distilling the
+   float model: loss = KL(float || int8-simulated) on the same augmented batch (optionally mixed
+   with the label loss). Plain QAT optimises accuracy and drifts away from the float model;
+   the goal here is an int8 model that *agrees* with float;
+5. keep the epoch (0 = settled, untrained) with the best validation agreement with float.
+
+Resumable: each epoch writes a TensorFlow checkpoint (weights, ranges, optimizer) and then,
+atomically, models/qat_state/state.json naming it; --resume continues from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+import tf_keras as keras
+from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
+
+from edge_runtime.atomic import atomic_path, write_json
+from edge_runtime.console import add_output_flags, print_json, progress, say
+from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
+from quantize.rundir import Run, file_sha256, load_float_model, open_run
+from train.data import load_arrays, make_dataset
+from train.model import flatten
+
+# Keys of the config's `qat` section that configs/defaults.json does not hold yet; the values
+# there win as soon as they exist.
+QAT_FALLBACKS = {"distill": True, "distill_weight": 1.0, "temperature": 1.0, "patience": 2}
+STATE_DIR = "qat_state"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding models/float.keras")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: config qat.epochs)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: config qat.lr)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    add_output_flags(parser)
+
+
+def qat_settings(config: dict, epochs: int | None = None, lr: float | None = None) -> dict:
+    settings = {**QAT_FALLBACKS, **config["qat"]}
+    if epochs is not None:
+        settings["epochs"] = epochs
+    if lr is not None:
+        settings["lr"] = lr
+    if not 0.0 <= settings["distill_weight"] <= 1.0:
+        raise OncoliteError(f"config: qat.distill_weight must be in [0, 1], got {settings['distill_weight']}")
+    return settings
+
+
+# --- the quantized model -------------------------------------------------------------------
+
+def quantize_float_model(model: keras.Model, freeze_bn: bool = True) -> keras.Model:
+    """tfmot's QAT model of a (possibly nested) float model, BatchNorm wrappers frozen."""
+    q = tfmot.quantization.keras.quantize_model(flatten(model))
+    if freeze_bn:
+        for layer in q.layers:
+            if isinstance(getattr(layer, "layer", layer), keras.layers.BatchNormalization):
+                layer.trainable = False
+    return q
+
+
+def trainable_variables(q: keras.Model) -> list:
+    """What fine-tuning may change. tfmot's QuantizeWrapper lists its inner layer's weights as
+    trainable even when the wrapper is frozen, so frozen wrappers are filtered out here."""
+    frozen = {id(w) for layer in q.layers if not layer.trainable for w in layer.weights}
+    return [v for v in q.trainable_variables if id(v) not in frozen]
+
+
+def load_qat_model(path: str | Path, float_model: keras.Model) -> keras.Model:
+    """The QAT model saved at `path`, rebuilt from the float model it was made from.
+
+    tfmot 0.8.1 cannot load its own models from .keras archives (QuantizeLayer is built twice
+    and expects 5 variables instead of 3; tensorflow/model-optimization PR #1123), but the
+    archive's weights load into a freshly quantized copy of the float model.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no QAT model; run `oncolite quantize RUN_DIR` first")
+    q = quantize_float_model(float_model)
+    try:
+        q.load_weights(path)
+    except ValueError as e:
+        raise ModelError(f"{path}: does not match the run's float model ({e}); run `oncolite quantize` again") from None
+    return q
+
+
+@contextlib.contextmanager
+def cumulative_range_averages(decay: tf.Variable):
+    """Within this block tfmot's moving-average ranges use `decay` instead of their fixed 0.999."""
+    original = quant_ops.MovingAvgQuantize
+
+    @functools.wraps(original)
+    def patched(*args, **kwargs):
+        kwargs["ema_decay"] = decay
+        return original(*args, **kwargs)
+
+    quant_ops.MovingAvgQuantize = patched
+    try:
+        yield
+    finally:
+        quant_ops.MovingAvgQuantize = original
+
+
+def settle_ranges(q: keras.Model, images, steps: int, quiet: bool = True) -> int:
+    """Run `steps` training-mode forward passes (no weight update) so each activation range
+    becomes the mean of its per-batch min/max. `images` yields (x, y) batches. Returns steps run."""
+    decay = tf.Variable(0.0, trainable=False, dtype=tf.float32)
+    done = 0
+    with cumulative_range_averages(decay):
+        forward = tf.function(lambda x: q(x, training=True))
+        for x, _ in progress(images.take(steps), total=steps, desc="settling ranges", quiet=quiet, unit="batch"):
+            decay.assign(done / (done + 1))
+            forward(x)
+            done += 1
+    return done
+
+
+# --- the loss ------------------------------------------------------------------------------
+
+def _tempered(probs, temperature: float):
+    if temperature == 1.0:
+        return probs
+    logits = tf.math.log(tf.clip_by_value(probs, 1e-7, 1.0)) / temperature
+    return tf.nn.softmax(logits)
+
+
+def distillation_loss(teacher_probs, student_probs, labels, weight: float = 1.0, temperature: float = 1.0):
+    """weight x KL(teacher || student) (at `temperature`, scaled by T^2) + (1 - weight) x label CE."""
+    kl = keras.losses.KLDivergence()(_tempered(teacher_probs, temperature), _tempered(student_probs, temperature))
+    loss = weight * kl * temperature ** 2
+    if weight < 1.0:
+        loss += (1.0 - weight) * keras.losses.SparseCategoricalCrossentropy()(labels, student_probs)
+    return loss
+
+
+def make_train_step(student: keras.Model, teacher: keras.Model, optimizer, settings: dict):
+    label_loss = keras.losses.SparseCategoricalCrossentropy()
+    variables = trainable_variables(student)
+
+    @tf.function
+    def step(x, y):
+        target = teacher(x, training=False) if settings["distill"] else None
+        with tf.GradientTape() as tape:
+            probs = student(x, training=True)
+            if settings["distill"]:
+                loss = distillation_loss(target, probs, y, settings["distill_weight"], settings["temperature"])
+            else:
+                loss = label_loss(y, probs)
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss
+
+    return step
+
+
+# --- validation ----------------------------------------------------------------------------
+
+def agreement_scores(student_probs: np.ndarray, teacher_probs: np.ndarray, y: np.ndarray) -> dict:
+    """Top-1 agreement with the float model, accuracy, and the mean KL(float || student)."""
+    s = np.clip(student_probs, 1e-7, 1.0)
+    t = np.clip(teacher_probs, 1e-7, 1.0)
+    return {"agreement": float(np.mean(s.argmax(1) == t.argmax(1))),
+            "accuracy": float(np.mean(s.argmax(1) == y)),
+            "kl_to_float": float(np.mean(np.sum(t * np.log(t / s), axis=1)))}
+
+
+def _better(scores: dict, best: dict | None) -> bool:
+    # Agreement first (the goal); the KL breaks ties, which on a small validation side are common.
+    return best is None or (scores["agreement"], -scores["kl_to_float"]) > (best["agreement"], -best["kl_to_float"])
+
+
+# --- the command ---------------------------------------------------------------------------
+
+def run_qat(run: Run, settings: dict, resume: bool = False, quiet: bool = True) -> dict:
+    """Fine-tune, checkpoint every epoch, and write models/qat.keras (atomically) from the best epoch."""
+    float_path = run.models / "float.keras"
+    state_dir = run.models / STATE_DIR
+    state_path = state_dir / "state.json"
+    source_sha = file_sha256(float_path)
+    state = _read_state(state_path, source_sha, settings) if resume else None
+    tf.keras.utils.set_random_seed(int(run.config["seed"]))
+
+    teacher = flatten(load_float_model(float_path))
+    student = quantize_float_model(teacher, freeze_bn=settings["freeze_bn"])
+    optimizer = keras.optimizers.Adam(settings["lr"])
+    # Slots exist before the first checkpoint, so every checkpoint has the same structure.
+    optimizer.build(trainable_variables(student))
+    checkpoint = tf.train.Checkpoint(model=student, optimizer=optimizer)
+    best_checkpoint = tf.train.Checkpoint(model=student)
+
+    sides = run.sides()
+    batch_size = int(run.config["batch_size"])
+    seed = int(run.config["seed"])
+    train_ds = make_dataset(sides["train"], run.labels, run.prep, batch_size, augment=run.config["augment"],
+                            shuffle=True, seed=seed, cache=run.config["cache"])
+    x_val, y_val = load_arrays(sides["val"], run.labels, run.prep, quiet=quiet, desc="validation images")
+    teacher_val = teacher.predict(x_val, batch_size=batch_size, verbose=0)
+
+    def validate() -> dict:
+        return agreement_scores(student.predict(x_val, batch_size=batch_size, verbose=0), teacher_val, y_val)
+
+    if state is None:
+        steps = settle_ranges(student, train_ds.repeat(), int(settings["settle_steps"]), quiet=quiet)
+        scores = validate()
+        state = {"source_sha256": source_sha, "settings": settings, "settle_steps": steps, "epoch": 0,
+                 "best_epoch": 0, "best": scores, "bad_epochs": 0, "history": [{"epoch": 0, "loss": None, **scores}]}
+        _save(checkpoint, best_checkpoint, state_dir, state, improved=True)
+    else:
+        checkpoint.read(str(state_dir / "last")).assert_existing_objects_matched()
+    resumed_after = state["epoch"] if resume else None
+
+    step = make_train_step(student, teacher, optimizer, settings)
+    while state["epoch"] < settings["epochs"] and state["bad_epochs"] < settings["patience"]:
+        epoch = state["epoch"] + 1
+        started = time.monotonic()
+        losses = [float(step(x, y)) for x, y in progress(train_ds, desc=f"QAT epoch {epoch}", quiet=quiet, unit="batch")]
+        scores = validate()
+        improved = _better(scores, state["best"])
+        state["history"].append({"epoch": epoch, "loss": float(np.mean(losses)), **scores,
+                                 "seconds": round(time.monotonic() - started, 1)})
+        state.update(epoch=epoch, bad_epochs=0 if improved else state["bad_epochs"] + 1)
+        if improved:
+            state.update(best_epoch=epoch, best=scores)
+        _save(checkpoint, best_checkpoint, state_dir, state, improved)
+
+    best_checkpoint.read(str(state_dir / "best")).assert_existing_objects_matched()
+    with atomic_path(run.models / "qat.keras") as tmp:
+        student.save(tmp)
+    summary = {"qat_model": str(run.models / "qat.keras"), "source_sha256": source_sha,
+               "best_epoch": state["best_epoch"], "validation": state["best"], "epochs_run": state["epoch"],
+               "stopped_early": state["bad_epochs"] >= settings["patience"], "settings": settings,
+               "settle_steps": state["settle_steps"], "resumed_after_epoch": resumed_after, "history": state["history"]}
+    write_json(run.models / "qat_report.json", summary)
+    return summary
+
+
+def _save(checkpoint, best_checkpoint, state_dir: Path, state: dict, improved: bool) -> None:
+    """Checkpoint files first, state.json (atomically) last: a kill in between leaves the previous
+    state pointing at the previous, complete checkpoint."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.write(str(state_dir / "last"))
+    if improved:
+        best_checkpoint.write(str(state_dir / "best"))
+    write_json(state_dir / "state.json", state)
+
+
+def _read_state(path: Path, source_sha: str, settings: dict) -> dict:
+    if not path.exists():
+        raise OncoliteError(f"{path}: nothing to resume; run without --resume")
+    state = json.loads(path.read_text(encoding="utf-8"))
+    if state["source_sha256"] != source_sha:
+        raise OncoliteError(f"{path}: the float model changed since this QAT run started; run without --resume")
+    changed = sorted(k for k in ("distill", "distill_weight", "temperature", "freeze_bn", "lr")
+                     if state["settings"].get(k) != settings.get(k))
+    if changed:
+        raise OncoliteError(f"{path}: settings {', '.join(changed)} differ from the interrupted run; "
+                            "resume with the same settings or run without --resume")
+    return state
+
+
+def main(args) -> int:
+    run = open_run(args.run_dir)
+    settings = qat_settings(run.config, epochs=args.epochs, lr=args.lr)
+    summary = run_qat(run, settings, resume=args.resume, quiet=args.quiet or args.json)
+    if args.json:
+        print_json(summary)
+    else:
+        best = summary["validation"]
+        say(args, f"QAT model: {summary['qat_model']}",
+            f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: agreement with float "
+            f"{best['agreement']:.1%}, accuracy {best['accuracy']:.1%} on the validation side")
+    return EXIT_OK

@@ -1,0 +1,74 @@
+"""What the quantize and export commands read from a run directory: its config, its manifest,
+the input contract, the float model and the operating point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tf_keras as keras
+
+from edge_runtime.errors import ModelError, OncoliteError
+from edge_runtime.preprocess import Preprocessing
+from train.config import preprocessing
+from train.manifest import load_manifest
+from train.train import read_run_config
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    manifest: object  # train.manifest.Manifest
+    prep: Preprocessing
+    fold: int | None = None  # the manifest fold this run trained on (None: its `split`)
+
+    @property
+    def models(self) -> Path:
+        return self.path / "models"
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest.labels)
+
+    def sides(self) -> dict[str, list[dict]]:
+        return self.manifest.sides(fold=self.fold)
+
+    def threshold(self):
+        """The binary operating point chosen on validation ({"positive", "value"}), or None."""
+        path = self.path / "threshold.json"
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {"positive": data["positive"], "value": float(data["value"])} if data else None
+
+
+def open_run(run_dir: str | Path) -> Run:
+    """The run directory's resolved config and verified manifest; refuses a run without them."""
+    path = Path(run_dir)
+    for name in ("config.json", "manifest.json"):
+        if not (path / name).exists():
+            raise OncoliteError(f"{path / name}: missing; train a float model into this run directory first "
+                                "(oncolite train --run RUN_DIR)")
+    config, provenance = read_run_config(path)
+    return Run(path=path, config=config, manifest=load_manifest(path / "manifest.json"), prep=preprocessing(config),
+               fold=provenance.get("fold"))
+
+
+def load_float_model(path: str | Path) -> keras.Model:
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no float model; run `oncolite train` into this run directory first")
+    return keras.models.load_model(path, compile=False, safe_mode=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
