@@ -72,16 +72,18 @@ def backbone_layers(model: keras.Model) -> list:
     return [layer for layer in model.layers if id(layer) not in heads and not isinstance(layer, keras.layers.InputLayer)]
 
 
-def set_trainable_depth(model: keras.Model, depth: int | None) -> None:
+def set_trainable_depth(model: keras.Model, depth: int | None, train_batchnorm: bool = False) -> None:
     """Freeze the backbone except its top `depth` layers (0: all frozen; None: all trainable).
 
-    BatchNormalization layers stay frozen (inference mode) in any case: with a few hundred
-    images their statistics would drift (see NOTES: momentum 0.999 collapses to one class).
+    BatchNormalization layers stay frozen (inference mode) unless `train_batchnorm`: with a
+    few hundred images pretrained statistics would drift (see NOTES: momentum 0.999 collapses
+    to one class). A backbone trained from scratch (weights=None) has no statistics worth
+    keeping: pass train_batchnorm=True for it.
     """
     backbone = backbone_layers(model)
-    cut = len(backbone) if depth is None else max(0, len(backbone) - depth)
+    cut = 0 if depth is None else max(0, len(backbone) - depth)
     for i, layer in enumerate(backbone):
-        layer.trainable = i >= cut and not isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = i >= cut and (train_batchnorm or not isinstance(layer, keras.layers.BatchNormalization))
     for layer in head_layers(model):
         layer.trainable = True
 

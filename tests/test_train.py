@@ -1,0 +1,306 @@
+"""Training: config layering, the tf.data pipeline, learning a planted task, resume after SIGKILL,
+the distributed + mixed-precision path on two logical CPUs, k-fold CV."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge_runtime.errors import OncoliteError
+from train.config import available, load_config, parse_overrides
+from train.manifest import file_sha256, load_manifest, write_manifest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+# Tiny and from scratch: for the plumbing (resume, distribution, folds), not for accuracy.
+TINY = {"input_size": 32, "alpha": 0.35, "weights": None, "batch_size": 8, "finetune_depth": 20,
+        "patience": 100, "augment": {"rotation": 10, "shear": 0.1}}
+# Learning needs features: a frozen backbone from scratch has none worth a head (its BatchNorm
+# statistics are untrained), so the learning checks use the shipped ImageNet weights at 64 px.
+PRETRAINED = {"input_size": 64, "alpha": 1.0, "weights": "imagenet", "batch_size": 16, "head_epochs": 3,
+              "finetune_epochs": 0, "head_lr": 0.01, "patience": 100,
+              "augment": {"rotation": 0, "shift": 0, "shear": 0, "zoom": 0, "hflip": False}}
+
+
+def planted_image(path: Path, quadrant: str | None, rng, size: int = 64) -> None:
+    """Dim noise with, optionally, a bright square in one quadrant ("tl", "tr", "bl", "br")."""
+    pixels = (rng.random((size, size, 3)) * 70).astype(np.uint8)
+    if quadrant:
+        half, side = size // 2, size // 3
+        top = 0 if quadrant[0] == "t" else half
+        left = 0 if quadrant[1] == "l" else half
+        y, x = top + (half - side) // 2, left + (half - side) // 2
+        pixels[y:y + side, x:x + side] = 255
+    Image.fromarray(pixels).save(path)
+
+
+def planted_manifest(folder: Path, classes: dict, counts=(48, 16, 16), folds: int = 0, seed: int = 0) -> Path:
+    """Images of `classes` ({label: function(rng) -> quadrant or None}) and a manifest over them.
+
+    counts: images per class on train, val and test. folds > 0 adds a `cv` column rotating
+    val/test through the items.
+    """
+    rng = np.random.default_rng(seed)
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    items = []
+    for label, quadrant in classes.items():
+        for side, count in zip(("train", "val", "test"), counts):
+            for i in range(count):
+                path = images / f"{label}_{side}_{i}.png"
+                planted_image(path, quadrant(rng), rng)
+                items.append({"path": f"images/{path.name}", "sha256": file_sha256(path), "label": label,
+                              "group": path.name, "split": side, "meta": {}})
+    if folds:
+        for n, item in enumerate(items):
+            item["cv"] = ["val" if n % folds == k else "train" for k in range(folds)]
+    manifest = {"format": "oncolite-manifest/1", "root": str(folder), "labels": list(classes), "seed": seed,
+                "split": {"kind": "random", "folds": max(folds, 1)}, "items": items}
+    path = folder / "manifest.json"
+    write_manifest(manifest, path)
+    return path
+
+
+TL_VS_BR = {"br": lambda rng: "br", "tl": lambda rng: "tl"}
+
+
+def oncolite(*argv, **kwargs):
+    return subprocess.run([sys.executable, "-m", "oncolite", *map(str, argv)], env=ENV, capture_output=True,
+                          text=True, cwd=REPO_ROOT, **kwargs)
+
+
+def settings(config_path: Path) -> dict:
+    return {k: v for k, v in json.loads(config_path.read_text()).items() if k != "run"}
+
+
+# ---------------------------------------------------------------- config
+
+def test_config_layers_merge_deeply_in_order(tmp_path):
+    user = tmp_path / "mine.json"
+    user.write_text(json.dumps({"batch_size": 8, "augment": {"zoom": 0.3}}))
+    config = load_config(dataset="breakhis", profile="quick", path=user,
+                         overrides=parse_overrides(["augment.zoom=0.5", "head=reference", "finetune_lr=1e-5"]))
+    assert config["augment"]["vflip"] is True and config["augment"]["rot90"] is True  # dataset
+    assert config["input_size"] == load_config(profile="quick")["input_size"]  # profile over defaults
+    assert config["batch_size"] == 8  # file
+    assert config["augment"]["zoom"] == 0.5 and config["head"] == "reference" and config["finetune_lr"] == 1e-5
+    assert config["augment"]["rotation"] == 20  # untouched keys of a merged section survive
+    assert load_config()["augment"]["vflip"] is False  # defaults are not mutated by merging
+
+
+def test_config_refuses_unknown_keys_and_names_the_valid_ones(tmp_path):
+    with pytest.raises(OncoliteError, match=r"'batchsize'.*batch_size"):
+        load_config(overrides={"batchsize": 3})
+    with pytest.raises(OncoliteError, match=r"'augment.vertical'.*vflip"):
+        load_config(overrides=parse_overrides(["augment.vertical=true"]))
+    with pytest.raises(OncoliteError, match="monitor"):
+        load_config(overrides={"monitor": "val_auc"})
+    with pytest.raises(OncoliteError, match="no profile config named 'fast'"):
+        load_config(profile="fast")
+    with pytest.raises(OncoliteError, match="key=value"):
+        parse_overrides(["batch_size"])
+
+
+def test_shipped_configs_load_and_fit_their_modality():
+    assert {"busi", "breakhis", "idc"} <= set(available("datasets"))
+    assert {"quick", "full"} <= set(available("profiles"))
+    busi, idc = load_config(dataset="busi"), load_config(dataset="idc")
+    assert not busi["augment"]["vflip"] and not busi["augment"]["rot90"] and not busi["augment"]["color_jitter"]
+    assert idc["augment"]["vflip"] and idc["augment"]["rot90"] and idc["augment"]["color_jitter"] > 0
+    assert idc["input_size"] > 50  # IDC's 50 px patches are upscaled
+    assert load_config(profile="full")["folds"] == 5 and load_config(profile="full")["input_size"] == 224
+
+
+def test_a_run_config_json_is_a_valid_config_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**load_config(profile="quick"), "run": {"manifest_sha256": "abc"}}))
+    assert load_config(path=path) == load_config(profile="quick")
+
+
+# ---------------------------------------------------------------- data
+
+def test_pipeline_batches_normalized_images_and_balances_when_oversampling(tmp_path):
+    from edge_runtime.preprocess import Preprocessing, preprocess
+    from train.data import class_weights, load_arrays, make_dataset
+
+    manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR, counts=(3, 1, 1)))
+    train_items = manifest.sides()["train"]
+    items = [i for i in train_items if i["label"] == "br"] + [i for i in train_items if i["label"] == "tl"][:1]
+    prep = Preprocessing(32, 32)
+    x, y = load_arrays(items, manifest.labels, prep, quiet=True)
+    assert x.shape == (4, 32, 32, 3) and list(y) == [0, 0, 0, 1]
+    np.testing.assert_array_equal(x[0], preprocess(items[0]["path"], prep))  # the one preprocessing
+
+    plain = [(xb.numpy(), yb.numpy()) for xb, yb in make_dataset(items, manifest.labels, prep, batch_size=3)]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in plain]), x)
+    assert plain[0][0].dtype == np.float32
+
+    balanced = np.concatenate([yb.numpy() for _, yb in make_dataset(
+        items * 25, manifest.labels, prep, batch_size=16, oversample=True, shuffle=True)])
+    assert len(balanced) == 2 * 75 and 0.35 < balanced.mean() < 0.65  # 1 in 4 without oversampling
+
+    weights = class_weights(y, 3)
+    assert weights[1] == pytest.approx(3 * weights[0]) and weights[2] == 1.0
+
+
+def test_augmentation_changes_pixels_not_labels_or_range(tmp_path):
+    from train.config import preprocessing
+    from train.data import load_arrays, make_dataset
+
+    manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR, counts=(4, 1, 1)))
+    items = manifest.sides()["train"]
+    config = load_config(dataset="breakhis", overrides={"input_size": 32, "augment": {"shear": 0.2}})
+    prep = preprocessing(config)
+    x, y = load_arrays(items, manifest.labels, prep, quiet=True)
+    xa, ya = next(iter(make_dataset(items, manifest.labels, prep, batch_size=len(items), augment=config["augment"])))
+    assert list(ya.numpy()) == list(y)
+    assert not np.allclose(xa.numpy(), x)
+    assert xa.numpy().min() >= -1.0 - 1e-5 and xa.numpy().max() <= 1.0 + 1e-5  # reflect fill, clipped jitter
+
+
+# ---------------------------------------------------------------- training
+
+def test_learns_a_planted_task_well_above_chance(tmp_path):
+    from train.train import train_run
+
+    manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR))
+    summary = train_run(tmp_path / "run", manifest, load_config(overrides=PRETRAINED), {"manifest": str(manifest.path)},
+                        quiet=True)
+    assert summary["test"]["accuracy"] >= 0.9 and summary["test"]["mcc"] >= 0.8
+    run = tmp_path / "run"
+    for name in ("config.json", "manifest.json", "versions.json", "logs/train.log", "train/history.csv",
+                 "train/curves.png", "models/float.keras", "train/summary.json"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "config.json").read_text())["run"]["head_summary"]["head_params"] == 1280 * 2 + 2
+    load_manifest(run / "manifest.json")  # the copy still finds the images
+    import tf_keras as keras
+
+    model = keras.models.load_model(run / "models" / "float.keras", safe_mode=True)
+    assert model.output_shape == (None, 2)
+
+
+def test_resume_after_sigkill_finishes_with_the_same_config(tmp_path):
+    manifest = planted_manifest(tmp_path, TL_VS_BR, counts=(16, 4, 4))
+    run = tmp_path / "run"
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in {**TINY, "head_epochs": 3, "finetune_epochs": 4}.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "oncolite", "train", "--manifest", manifest, "--run", run, "--quiet", *sets],
+                            env=ENV, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = run / "train" / "state" / "state.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["history"]:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = json.loads(state.read_text())
+    assert before["phase"] != "done"
+    config_before = settings(run / "config.json")
+
+    done = oncolite("train", "--resume", run, "--json", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["epochs"] == {"head": 3, "finetune": 4}
+    history = (run / "train" / "history.csv").read_text().splitlines()[1:]
+    assert [line.split(",")[:2] for line in history] == \
+        [["head", str(e)] for e in range(1, 4)] + [["finetune", str(e)] for e in range(1, 5)]
+    assert settings(run / "config.json") == config_before
+    assert "resumed" in (run / "logs" / "train.log").read_text() or before["epoch"] == 0
+    assert (run / "models" / "float.keras").exists()
+
+    # A fresh run with another config into the same folder is refused, not mixed in.
+    clash = oncolite("train", "--manifest", manifest, "--run", run, "--set", "batch_size=4", *sets[:1], timeout=300)
+    assert clash.returncode == 2 and "--resume" in clash.stderr
+
+
+DISTRIBUTED = r"""
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from train.config import load_config
+from train.manifest import load_manifest
+from train.train import train_run
+import tf_keras as keras
+config = load_config(overrides={**json.loads(sys.argv[2]), "distribute": "mirrored", "mixed_precision": True})
+summary = train_run(sys.argv[3], load_manifest(sys.argv[1]), config, {"manifest": sys.argv[1]}, quiet=True)
+model = keras.models.load_model(sys.argv[3] + "/models/float.keras", safe_mode=True)
+summary["saved_policies"] = sorted({l.dtype_policy.name for l in model.layers})
+print(json.dumps(summary))
+"""
+
+
+def test_distributed_mixed_precision_path_on_two_logical_cpus(tmp_path):
+    manifest = planted_manifest(tmp_path, TL_VS_BR, counts=(8, 4, 4))
+    config = {**TINY, "head_epochs": 1, "finetune_epochs": 1}
+    result = subprocess.run([sys.executable, "-c", DISTRIBUTED, manifest, json.dumps(config), tmp_path / "run"],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["replicas"] == 2 and summary["mixed_precision"] is True
+    assert summary["epochs"] == {"head": 1, "finetune": 1}
+    assert summary["saved_policies"] == ["float32"]  # the saved model is plain float32 for QAT/export
+
+
+def test_folds_train_each_fold_and_report_mean_and_spread(tmp_path):
+    from train.train import train_folds
+
+    manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR, counts=(6, 0, 2), folds=2))
+    config = load_config(overrides={**TINY, "head_epochs": 1, "finetune_epochs": 1})
+    cv = train_folds(tmp_path / "cv", manifest, config, {"manifest": str(manifest.path)}, 2, quiet=True)
+    for i in range(2):
+        assert (tmp_path / "cv" / "folds" / str(i) / "models" / "float.keras").exists()
+        assert json.loads((tmp_path / "cv" / "folds" / str(i) / "config.json").read_text())["run"]["fold"] == i
+    saved = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    assert len(saved["val"]["mcc"]["values"]) == 2 and saved["val"]["accuracy"]["mean"] == pytest.approx(
+        np.mean(saved["val"]["accuracy"]["values"]))
+    assert cv["folds"][0]["fold"] == 0 and cv["folds"][1]["fold"] == 1
+
+
+def test_tune_searches_on_validation_and_returns_a_config_from_the_space(tmp_path):
+    from train.tune import tune
+
+    manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR, counts=(6, 3, 3)))
+    config = load_config(overrides={**TINY, "head_epochs": 1, "finetune_epochs": 3,
+                                    "tune": {"epochs": 1, "dense_units": [0, 8], "finetune_depth": [5, 10]}})
+    best = tune(tmp_path / "run", manifest, config, trials=2, quiet=True)
+    results = json.loads((tmp_path / "run" / "train" / "tune" / "results.json").read_text())
+    assert len(results["trials"]) == 2 and results["monitor"] == "val_mcc"
+    assert best["dense_units"] in (0, 8) and best["finetune_depth"] in (5, 10)
+    assert 1e-5 <= best["finetune_lr"] <= 1e-3 and best["finetune_epochs"] == 3  # the real run is not capped
+    assert best == load_config(path=tmp_path / "run" / "train" / "tune" / "best_config.json")
+    for trial in (tmp_path / "run" / "train" / "tune").glob("trial_*"):
+        assert "test" not in json.loads((trial / "train" / "summary.json").read_text())  # never looked at
+
+
+DETERMINISTIC = r"""
+import json, sys
+from train.config import load_config
+from train.manifest import load_manifest
+from train.train import train_run
+config = load_config(overrides={**json.loads(sys.argv[2]), "deterministic": True})
+losses = [train_run(f"{sys.argv[3]}/{r}", load_manifest(sys.argv[1]), config, {"manifest": sys.argv[1]}, quiet=True)["val"]["loss"]
+          for r in range(2)]
+print(json.dumps(losses))
+"""
+
+
+def test_deterministic_mode_repeats_a_run_exactly(tmp_path):
+    # In a subprocess: op determinism is process-wide and would slow every later test.
+    manifest = planted_manifest(tmp_path, TL_VS_BR, counts=(12, 4, 0))
+    config = {**PRETRAINED, "head_epochs": 2, "augment": {"rotation": 10, "shear": 0.1, "color_jitter": 0.1}}
+    result = subprocess.run([sys.executable, "-c", DETERMINISTIC, manifest, json.dumps(config), tmp_path / "runs"],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = json.loads(result.stdout.splitlines()[-1])
+    assert first == second and 0 < first < 0.69  # learned something, and exactly the same twice

@@ -1,0 +1,116 @@
+"""`oncolite explain IMAGE --run RUN_DIR`: Grad-CAM of the float model, overlaid on the image.
+
+Grad-CAM (Selvaraju et al., 2017): the gradient of the class score with respect to the last
+convolutional feature map, averaged per channel, weights that map's channels; the positive
+part of the weighted sum is where the evidence for the class lies. The image goes through the
+one preprocessing, so the heatmap explains exactly what the model saw.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+import tf_keras as keras
+from PIL import Image
+
+from edge_runtime.atomic import atomic_path
+from edge_runtime.console import add_output_flags, print_json, say
+from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
+from edge_runtime.preprocess import normalize, open_image, resize
+from train.config import load_config, preprocessing
+
+DEFAULT_LAYER = "out_relu"  # MobileNetV2's last convolutional activation
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("image", help="image file to explain")
+    parser.add_argument("--run", required=True, help="run directory holding models/float.keras and config.json")
+    parser.add_argument("--out", help="PNG to write (default: RUN_DIR/explain/<image name>.gradcam.png)")
+    parser.add_argument("--layer", default=DEFAULT_LAYER, help=f"convolutional layer to explain (default: {DEFAULT_LAYER})")
+    parser.add_argument("--class", dest="class_name", help="label to explain (default: the predicted one)")
+    add_output_flags(parser)
+
+
+def main(args) -> int:
+    run = Path(args.run)
+    config = load_config(path=run / "config.json")
+    model = load_float_model(run / "models" / "float.keras")
+    labels = run_labels(run)
+    prep = preprocessing(config)
+    pixels = resize(open_image(args.image), prep)
+    probs = model.predict(normalize(pixels, prep)[None], verbose=0)[0]
+    if args.class_name is not None and args.class_name not in labels:
+        raise OncoliteError(f"--class {args.class_name!r}: not one of the run's labels {labels}")
+    index = labels.index(args.class_name) if args.class_name else int(np.argmax(probs))
+    heatmap = gradcam(model, normalize(pixels, prep), index, args.layer)
+    out = Path(args.out or run / "explain" / f"{Path(args.image).name}.gradcam.png")
+    title = f"{labels[index]} p={probs[index]:.3f}  (Grad-CAM, layer {args.layer})"
+    write_overlay(out, pixels, heatmap, title)
+    result = {"image": str(args.image), "out": str(out), "label": labels[index], "probability": float(probs[index]),
+              "probabilities": dict(zip(labels, map(float, probs))), "layer": args.layer}
+    if args.json:
+        print_json(result)
+    else:
+        say(args, f"{labels[index]} ({probs[index]:.3f}); Grad-CAM written to {out}")
+    return EXIT_OK
+
+
+def load_float_model(path: Path) -> keras.Model:
+    if not path.exists():
+        raise ModelError(f"{path}: no float model; train one with `oncolite train --run {path.parent.parent}`")
+    return keras.models.load_model(path, compile=False, safe_mode=True)
+
+
+def run_labels(run: Path) -> list[str]:
+    path = run / "manifest.json"
+    if not path.exists():
+        raise OncoliteError(f"{path}: missing; {run} is not a training run directory")
+    return list(json.loads(path.read_text(encoding="utf-8"))["labels"])
+
+
+def gradcam(model: keras.Model, image: np.ndarray, class_index: int, layer: str = DEFAULT_LAYER) -> np.ndarray:
+    """Heatmap in [0, 1] at the image's size (H, W) for one normalized float32 image (H, W, 3)."""
+    try:
+        features = model.get_layer(layer).output
+    except ValueError:
+        conv = [l.name for l in model.layers if len(getattr(l, "output_shape", ()) or ()) == 4][-3:]
+        raise OncoliteError(f"--layer {layer!r}: no such layer in the model; try one of {conv}") from None
+    # The class score is the logit, not the softmax probability: a confident model's
+    # probability saturates at 1 and its gradient vanishes.
+    dense = model.get_layer("predictions")
+    grad_model = keras.Model(model.inputs, [features, dense.input])
+    x = tf.convert_to_tensor(image[None], tf.float32)
+    with tf.GradientTape() as tape:
+        maps, hidden = grad_model(x, training=False)
+        score = tf.matmul(hidden, dense.kernel[:, class_index:class_index + 1])[:, 0] + dense.bias[class_index]
+    grads = tape.gradient(score, maps)
+    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1))[0]
+    cam = tf.image.resize(cam[..., None], image.shape[:2], method="bilinear")[..., 0]
+    return (cam / (tf.reduce_max(cam) + 1e-12)).numpy()
+
+
+def write_overlay(path: Path, pixels: np.ndarray, heatmap: np.ndarray, title: str, alpha: float = 0.45) -> None:
+    """The image, the heatmap in matplotlib's jet colormap blended over it, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colored = (matplotlib.colormaps["jet"](heatmap)[..., :3] * 255).astype(np.float32)
+    blend = (pixels.astype(np.float32) * (1 - alpha) + colored * alpha).clip(0, 255).astype(np.uint8)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    for ax, im, name in zip(axes, (pixels, blend), ("input (as the model sees it)", "Grad-CAM")):
+        ax.imshow(Image.fromarray(im))
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

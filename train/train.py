@@ -1,0 +1,519 @@
+"""`oncolite train`: MobileNetV2 transfer learning on a manifest, two phases, resumable.
+
+Phase "head": the backbone frozen, only the head trains (head_lr, head_epochs). Phase
+"finetune": the top `finetune_depth` backbone layers train too, BatchNorm stays frozen
+(finetune_lr, finetune_epochs). Each phase stops early after `patience` epochs without a better
+`monitor` value (val MCC or val loss, computed on the whole validation side after every epoch)
+and hands the best weights on; the best model over both phases is models/float.keras.
+
+Resume: after every epoch the model and optimizer go to train/state/ (a TF checkpoint) and
+train/state/state.json (written atomically after the checkpoint, so it always names a complete
+one) records phase, epoch, best value and history. `oncolite train --resume RUN_DIR` after a
+crash or SIGKILL continues from the last completed epoch with the run's own config.
+
+Hardware: on CPU, one device. With GPUs, `mixed_precision: "auto"` trains in mixed_float16
+(float32 variables and softmax) and `distribute: "auto"` uses tf.distribute.MirroredStrategy
+over all visible GPUs (batch_size is the global batch, split across replicas). Several
+machines: set TF_CONFIG on each (the standard JSON `{"cluster": {"worker": ["host1:port",
+"host2:port"]}, "task": {"type": "worker", "index": i}}`) and run the same command with the
+same --run path on a shared file system; "auto" then picks MultiWorkerMirroredStrategy and only
+worker 0 (the chief) writes the run directory, the others checkpoint into RUN_DIR/workers/<i>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import tensorflow as tf
+import tf_keras as keras
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, matthews_corrcoef
+
+from edge_runtime.atomic import atomic_path, write_json, write_text
+from edge_runtime.console import add_output_flags, print_json, say
+from edge_runtime.errors import EXIT_OK, ManifestError, OncoliteError
+from train import model as model_lib
+from train.config import PROVENANCE_KEY, available, load_config, parse_overrides, preprocessing
+from train.data import class_weights, label_indices, make_dataset
+from train.manifest import load_manifest, write_manifest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PHASES = ("head", "finetune")
+HISTORY_FIELDS = ("phase", "epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy", "val_mcc", "seconds")
+
+
+# ---------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--manifest", help="manifest.json from `oncolite split` (not needed with --resume)")
+    parser.add_argument("--run", help="run directory to create (default: runs/<manifest folder>-<time>)")
+    parser.add_argument("--config", help="a config file (JSON; a run's config.json works) over the defaults")
+    parser.add_argument("--profile", choices=available("profiles"), help="configs/profiles/<name>.json")
+    parser.add_argument("--dataset", choices=available("datasets"), help="configs/datasets/<name>.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set finetune_lr=1e-5 --set augment.vflip=true (repeatable)")
+    folds = parser.add_mutually_exclusive_group()
+    folds.add_argument("--fold", type=int, help="train on fold i of the manifest's cross-validation")
+    folds.add_argument("--folds", type=int, metavar="K", help="train every fold 0..K-1 into RUN/folds/<i>/ and report mean and spread")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last completed epoch")
+    parser.add_argument("--tune", type=int, metavar="N", help="first search N KerasTuner trials on the validation side")
+    add_output_flags(parser)
+
+
+def main(args) -> int:
+    quiet = args.quiet or args.json
+    if args.resume:
+        run_dir = Path(args.resume)
+        config, provenance = read_run_config(run_dir)
+        # The original manifest, or the run's own copy if the original has moved.
+        source = provenance["manifest"] if Path(provenance["manifest"]).exists() else run_dir / "manifest.json"
+        manifest = load_manifest(source)
+        check_manifest(manifest, provenance, run_dir)
+        folds, fold = provenance.get("folds"), provenance.get("fold")
+    else:
+        if not args.manifest:
+            raise OncoliteError("oncolite train: --manifest is required (or --resume RUN_DIR)")
+        manifest = load_manifest(args.manifest)
+        config = load_config(dataset=args.dataset, profile=args.profile, path=args.config,
+                             overrides=parse_overrides(args.set))
+        run_dir = Path(args.run or REPO_ROOT / "runs" / f"{Path(args.manifest).resolve().parent.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        folds, fold = args.folds, args.fold
+        if args.tune:
+            from train.tune import tune
+
+            config = tune(run_dir, manifest, config, trials=args.tune, fold=fold, quiet=quiet)
+        provenance = {"manifest": str(Path(args.manifest).resolve()), "manifest_sha256": manifest.sha256,
+                      "dataset": args.dataset, "profile": args.profile, "config_file": args.config,
+                      "overrides": args.set, "fold": fold, "folds": folds}
+    if folds:
+        summary = train_folds(run_dir, manifest, config, provenance, folds, quiet=quiet)
+    else:
+        summary = train_run(run_dir, manifest, config, provenance, fold=fold, quiet=quiet)
+    if args.json:
+        print_json(summary)
+    else:
+        say(args, *summary_lines(summary), f"run directory: {run_dir}")
+    return EXIT_OK
+
+
+def summary_lines(summary: dict) -> list[str]:
+    if "folds" in summary and isinstance(summary["folds"], list):
+        return [f"{side} {k}: {v['mean']:.3f} ± {v['std']:.3f} over {len(summary['folds'])} folds"
+                for side in ("val", "test") for k, v in summary.get(side, {}).items()]
+    lines = [f"best {summary['monitor']} {summary['best']['value']:.4f} "
+             f"({summary['best']['phase']} epoch {summary['best']['epoch']})"]
+    for side in ("val", "test"):
+        if summary.get(side):
+            m = summary[side]
+            lines.append(f"{side}: accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}  MCC {m['mcc']:.3f}  (n={m['n']})")
+    return lines
+
+
+# ---------------------------------------------------------------- run directory
+
+def read_run_config(run_dir: Path) -> tuple[dict, dict]:
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise OncoliteError(f"{path}: missing; {run_dir} is not a run directory of `oncolite train`")
+    provenance = json.loads(path.read_text(encoding="utf-8")).get(PROVENANCE_KEY, {})
+    return load_config(path=path), provenance
+
+
+def check_manifest(manifest, provenance: dict, run_dir: Path) -> None:
+    if manifest.sha256 not in (provenance.get("manifest_sha256"), provenance.get("manifest_copy_sha256")):
+        raise OncoliteError(f"{provenance['manifest']}: changed since {run_dir} started (sha256 differs); "
+                            "restore it or start a new run")
+
+
+def start_run_dir(run_dir: Path, manifest, config: dict, provenance: dict) -> None:
+    """config.json (settings + provenance), manifest.json, versions.json."""
+    config_path = run_dir / "config.json"
+    copy_sha256 = copy_manifest(manifest, run_dir / "manifest.json")
+    write_json(config_path, {**config, PROVENANCE_KEY: {**provenance, "manifest_copy_sha256": copy_sha256}})
+    write_json(run_dir / "versions.json", versions())
+
+
+def refuse_other_run(run_dir: Path, config: dict) -> None:
+    """A run directory with training state continues only with its own config."""
+    config_path = run_dir / "config.json"
+    if config_path.exists() and (run_dir / "train" / "state" / "state.json").exists():
+        existing = json.loads(config_path.read_text(encoding="utf-8"))
+        if {k: v for k, v in existing.items() if k != PROVENANCE_KEY} != config:
+            raise OncoliteError(f"{run_dir}: already holds a run with another config; "
+                                f"continue it with --resume {run_dir} or choose another --run")
+
+
+def copy_manifest(manifest, destination: Path) -> str:
+    """The manifest as used, with `root` rewritten so the copy still finds the images; its sha256."""
+    if manifest.path.resolve() == destination.resolve():
+        return manifest.sha256
+    data = json.loads(manifest.path.read_text(encoding="utf-8"))
+    return write_manifest({**data, "root": str(manifest.root)}, destination)
+
+
+def versions() -> dict:
+    def version(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            **{name: version(dist) for name, dist in (("tensorflow", "tensorflow"), ("tf_keras", "tf-keras"),
+                                                       ("tfmot", "tensorflow-model-optimization"),
+                                                       ("litert", "ai-edge-litert"), ("numpy", "numpy"),
+                                                       ("scikit_learn", "scikit-learn"))},
+            "git_commit": git_commit()}
+
+
+def git_commit() -> str | None:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+class Log:
+    """logs/train.log (appended: a resumed run continues the same log) and, unless quiet, stderr."""
+
+    def __init__(self, path: Path, quiet: bool):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.quiet = path, quiet
+
+    def __call__(self, message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        if not self.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- hardware
+
+def use_mixed_precision(config: dict) -> bool:
+    setting = config["mixed_precision"]
+    return bool(tf.config.list_physical_devices("GPU")) if setting == "auto" else bool(setting)
+
+
+def select_strategy(config: dict) -> tf.distribute.Strategy:
+    """The distribution strategy for `distribute` (see the module docstring)."""
+    setting = config["distribute"]
+    if setting == "auto":
+        if os.environ.get("TF_CONFIG"):
+            setting = "multiworker"
+        elif len(tf.config.list_logical_devices("GPU")) > 1:
+            setting = "mirrored"
+        else:
+            setting = "none"
+    if setting == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if setting == "mirrored":
+        # All GPUs; without GPUs, all logical CPUs (how the tests exercise this path).
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or \
+                  [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return resolver is None or resolver.task_type in (None, "chief") or \
+        (resolver.task_type == "worker" and resolver.task_id == 0)
+
+
+def setup_determinism(config: dict) -> None:
+    keras.utils.set_random_seed(config["seed"])
+    if config["deterministic"]:
+        tf.config.experimental.enable_op_determinism()
+
+
+# ---------------------------------------------------------------- metrics on a side
+
+def side_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
+    """The numbers training decides on; the full report is `oncolite evaluate`'s."""
+    pred = probs.argmax(axis=1)
+    p_true = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)
+    return {"n": int(len(y)), "loss": float(-np.mean(np.log(p_true))), "accuracy": float(accuracy_score(y, pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(y, pred)), "mcc": float(matthews_corrcoef(y, pred))}
+
+
+def improved(monitor: str, row: dict, best: dict | None) -> bool:
+    """Better on `monitor`; an MCC tie goes to the lower val loss (MCC is coarse on small sides)."""
+    if best is None:
+        return True
+    if monitor == "val_loss":
+        return row["val_loss"] < best["value"]
+    return row["val_mcc"] > best["value"] or (row["val_mcc"] == best["value"] and row["val_loss"] < best["val_loss"])
+
+
+def learning_rate(config: dict, phase: str, epoch: int, plateau_factor: float) -> float:
+    base = config[f"{phase}_lr"]
+    if config["lr_schedule"] == "cosine":
+        total = max(1, config[f"{phase}_epochs"])
+        return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * epoch / total)))
+    if config["lr_schedule"] == "plateau":
+        return base * plateau_factor
+    return base
+
+
+# ---------------------------------------------------------------- training
+
+class Trainer:
+    """One run directory, one split: builds, trains both phases, checkpoints, resumes."""
+
+    def __init__(self, run_dir: Path, sides: dict, labels: list[str], config: dict, log: Log, quiet: bool):
+        self.run_dir, self.sides, self.labels, self.config, self.log, self.quiet = run_dir, sides, labels, config, log, quiet
+        self.prep = preprocessing(config)
+        self.mixed = use_mixed_precision(config)
+        self.strategy = select_strategy(config)
+        self.chief = is_chief(self.strategy)
+        task = getattr(getattr(self.strategy, "cluster_resolver", None), "task_id", 0) or 0
+        self.state_dir = run_dir / "train" / "state" if self.chief else run_dir / "workers" / str(task) / "state"
+        self.state_path = self.state_dir / "state.json"
+        if not sides["val"] or not sides["train"]:
+            raise ManifestError("the manifest has no train or no val images on this split; early stopping and the "
+                                "best checkpoint need both: rebuild it with `oncolite split` (val_fraction > 0)")
+        self.state = self.load_state()
+        self.y_val = label_indices(sides["val"], labels)
+
+    # -- state
+
+    def load_state(self) -> dict:
+        if self.state_path.exists():
+            return json.loads(self.state_path.read_text(encoding="utf-8"))
+        return {"phase": PHASES[0], "epoch": 0, "checkpoint": None, "best": None, "wait": 0,
+                "plateau_factor": 1.0, "history": []}
+
+    def save_state(self) -> None:
+        # The checkpoint files are complete before this rename makes them the resume point.
+        write_json(self.state_path, self.state)
+        keep = {self.state["checkpoint"], (self.state["best"] or {}).get("checkpoint")}
+        for old in self.state_dir.glob("*-*.index"):
+            prefix = old.name[: -len(".index")]
+            if prefix not in keep:
+                for f in self.state_dir.glob(prefix + ".*"):
+                    f.unlink(missing_ok=True)
+
+    # -- model
+
+    def build(self) -> keras.Model:
+        keras.mixed_precision.set_global_policy("mixed_float16" if self.mixed else "float32")
+        c = self.config
+        with self.strategy.scope():
+            return model_lib.build_classifier(len(self.labels), c["input_size"], c["input_size"], c["alpha"],
+                                              c["head"], c["dropout"], c["dense_units"], c["weights"])
+
+    def compile(self, model: keras.Model, phase: str) -> None:
+        model_lib.set_trainable_depth(model, 0 if phase == "head" else self.config["finetune_depth"],
+                                      train_batchnorm=self.config["weights"] is None)
+        with self.strategy.scope():
+            model.compile(optimizer=keras.optimizers.Adam(self.config[f"{phase}_lr"]),
+                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            # Slot variables exist before a restore, so the optimizer state comes back exactly.
+            model.optimizer.build(model.trainable_variables)
+
+    def write_checkpoint(self, model: keras.Model, name: str, with_optimizer: bool) -> str:
+        """A TF checkpoint in train/state/; returns its name (relative, so a run dir can move)."""
+        tf.train.Checkpoint(**checkpointed(model, with_optimizer)).write(str(self.state_dir / name))
+        return name
+
+    def restore(self, model: keras.Model, name: str, with_optimizer: bool) -> None:
+        objects = checkpointed(model, with_optimizer)
+        with self.strategy.scope():
+            tf.train.Checkpoint(**objects).read(str(self.state_dir / name)).expect_partial()
+
+    # -- loop
+
+    def datasets(self):
+        c = self.config
+        oversample = bool(c["oversample"])
+        train_ds = make_dataset(self.sides["train"], self.labels, self.prep, c["batch_size"], augment=c["augment"],
+                                shuffle=True, seed=c["seed"], cache=c["cache"], oversample=oversample)
+        val_ds = make_dataset(self.sides["val"], self.labels, self.prep, c["batch_size"], cache=c["cache"])
+        weights = None
+        if c["class_weights"] and not oversample:  # oversampling already balances the classes
+            weights = class_weights(label_indices(self.sides["train"], self.labels), len(self.labels))
+        return train_ds, val_ds, weights
+
+    def run(self) -> keras.Model:
+        model = self.build()
+        train_ds, val_ds, weights = self.datasets()
+        self.log(f"train {len(self.sides['train'])} / val {len(self.sides['val'])} images, labels {self.labels}, "
+                 f"class weights {weights}, strategy {type(self.strategy).__name__} x{self.strategy.num_replicas_in_sync}, "
+                 f"mixed precision {self.mixed}")
+        for phase in PHASES[PHASES.index(self.state["phase"]):] if self.state["phase"] in PHASES else ():
+            self.compile(model, phase)
+            if self.state["epoch"] > 0 and self.state["checkpoint"]:
+                self.restore(model, self.state["checkpoint"], with_optimizer=True)
+                self.log(f"resumed {phase} after epoch {self.state['epoch']}")
+            elif self.state["best"]:
+                self.restore(model, self.state["best"]["checkpoint"], with_optimizer=False)
+            self.run_phase(model, phase, train_ds, val_ds, weights)
+            if self.state["best"]:
+                self.restore(model, self.state["best"]["checkpoint"], with_optimizer=False)
+            following = PHASES[PHASES.index(phase) + 1] if phase != PHASES[-1] else "done"
+            self.state.update(phase=following, epoch=0, checkpoint=None, wait=0, plateau_factor=1.0)
+            self.save_state()
+        if self.state["phase"] == "done" and self.state["best"]:
+            self.restore(model, self.state["best"]["checkpoint"], with_optimizer=False)
+        return model
+
+    def run_phase(self, model, phase, train_ds, val_ds, weights) -> None:
+        c, monitor = self.config, self.config["monitor"]
+        for epoch in range(self.state["epoch"], c[f"{phase}_epochs"]):
+            if self.state["wait"] >= c["patience"]:
+                break
+            lr = learning_rate(c, phase, epoch, self.state["plateau_factor"])
+            model.optimizer.learning_rate.assign(lr)
+            t0 = time.monotonic()
+            fit = model.fit(train_ds, epochs=1, class_weight=weights, verbose=0).history
+            val = side_metrics(self.y_val, model.predict(val_ds, verbose=0))
+            row = {"phase": phase, "epoch": epoch + 1, "lr": lr, "loss": fit["loss"][-1], "accuracy": fit["accuracy"][-1],
+                   "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_mcc": val["mcc"],
+                   "seconds": round(time.monotonic() - t0, 2)}
+            if improved(monitor, row, self.state["best"]):
+                name = f"best-{phase}-{epoch + 1}"
+                self.state["best"] = {"value": row[monitor], "val_loss": row["val_loss"], "phase": phase, "epoch": epoch + 1,
+                                      "checkpoint": self.write_checkpoint(model, name, with_optimizer=False)}
+                self.state["wait"] = 0
+            else:
+                self.state["wait"] += 1
+                if c["lr_schedule"] == "plateau" and self.state["wait"] % max(1, c["patience"] // 2) == 0:
+                    self.state["plateau_factor"] *= 0.5
+            self.state["checkpoint"] = self.write_checkpoint(model, f"epoch-{phase}-{epoch + 1}", with_optimizer=True)
+            self.state["epoch"] = epoch + 1
+            self.state["history"].append(row)
+            self.save_state()
+            if self.chief:
+                write_history(self.run_dir / "train", self.state["history"])
+            self.log(f"{phase} epoch {epoch + 1}/{c[f'{phase}_epochs']}: loss {row['loss']:.4f} acc {row['accuracy']:.3f} "
+                     f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.3f} val_mcc {row['val_mcc']:.3f} "
+                     f"lr {lr:.2e} ({row['seconds']:.1f} s)")
+        if self.state["wait"] >= c["patience"]:
+            self.log(f"{phase}: early stop, no better {monitor} for {c['patience']} epochs")
+
+
+def checkpointed(model: keras.Model, with_optimizer: bool) -> dict:
+    """What a checkpoint holds. Weights alone go in as a plain list: a Keras model also tracks
+    its optimizer, whose slots differ between phases, so a phase's best weights must not carry it."""
+    if with_optimizer:
+        return {"model": model, "optimizer": model.optimizer}
+    return {"weights": list(model.weights)}
+
+
+def write_history(train_dir: Path, history: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS)
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(train_dir / "history.csv", buffer.getvalue())
+    plot_curves(train_dir / "curves.png", history)
+
+
+def plot_curves(path: Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(1, len(history) + 1)
+    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, ax in (("loss", ax_loss), ("val_loss", ax_loss), ("accuracy", ax_score),
+                    ("val_accuracy", ax_score), ("val_mcc", ax_score)):
+        ax.plot(x, [row[key] for row in history], label=key, marker=".")
+    switch = sum(1 for row in history if row["phase"] == "head")
+    for ax in (ax_loss, ax_score):
+        if 0 < switch < len(history):
+            ax.axvline(switch + 0.5, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("epoch (head | fine-tune)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    ax_loss.set_title("loss")
+    ax_score.set_title("accuracy and MCC")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def save_float_model(model: keras.Model, path: Path, config: dict, n_classes: int, mixed: bool) -> None:
+    """models/float.keras in float32 (a mixed-precision model is rebuilt in float32 first, so
+    QAT and TFLite export see plain float layers)."""
+    if mixed:
+        keras.mixed_precision.set_global_policy("float32")
+        plain = model_lib.build_classifier(n_classes, config["input_size"], config["input_size"], config["alpha"],
+                                           config["head"], config["dropout"], config["dense_units"], weights=None)
+        plain.set_weights(model.get_weights())
+        model = plain
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+
+
+def train_run(run_dir: str | Path, manifest, config: dict, provenance: dict, fold: int | None = None,
+              quiet: bool = False, evaluate_test: bool = True) -> dict:
+    """Train one split of `manifest` into `run_dir` (resuming if it holds an interrupted run).
+
+    evaluate_test=False never touches the test side (hyperparameter search)."""
+    run_dir = Path(run_dir)
+    sides = manifest.sides(fold=fold)
+    labels = list(manifest.labels)
+    trainer_log = Log(run_dir / "logs" / "train.log", quiet)
+    refuse_other_run(run_dir, config)
+    setup_determinism(config)
+    trainer = Trainer(run_dir, sides, labels, config, trainer_log, quiet)
+    if trainer.chief and not trainer.state["history"]:
+        start_run_dir(run_dir, manifest, config, {**provenance, "fold": fold})
+    model = trainer.run()
+    summary = {"monitor": config["monitor"], "best": {k: v for k, v in trainer.state["best"].items() if k != "checkpoint"},
+               "epochs": {p: sum(1 for r in trainer.state["history"] if r["phase"] == p) for p in PHASES},
+               "head_summary": model_lib.head_summary(model), "fold": fold,
+               "replicas": trainer.strategy.num_replicas_in_sync, "mixed_precision": trainer.mixed}
+    for side in ("val", "test") if evaluate_test else ("val",):
+        if sides.get(side):
+            ds = make_dataset(sides[side], labels, trainer.prep, config["batch_size"], cache=False)
+            summary[side] = side_metrics(label_indices(sides[side], labels), model.predict(ds, verbose=0))
+    if trainer.chief:
+        save_float_model(model, run_dir / "models" / "float.keras", config, len(labels), trainer.mixed)
+        write_json(run_dir / "train" / "summary.json", summary)
+        stored = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        stored[PROVENANCE_KEY]["head_summary"] = summary["head_summary"]
+        write_json(run_dir / "config.json", stored)
+        trainer_log(f"done: best {config['monitor']} {summary['best']['value']:.4f}; "
+                    f"val {summary.get('val', {}).get('mcc', float('nan')):.3f} MCC; model {run_dir / 'models' / 'float.keras'}")
+    keras.backend.clear_session()
+    return summary
+
+
+def train_folds(run_dir: str | Path, manifest, config: dict, provenance: dict, k: int, quiet: bool = False) -> dict:
+    """Every fold 0..k-1 into run_dir/folds/<i>/, then run_dir/cv.json with mean and spread."""
+    run_dir = Path(run_dir)
+    start_run_dir(run_dir, manifest, config, {**provenance, "folds": k, "fold": None})
+    summaries = [train_run(run_dir / "folds" / str(i), manifest, config, {**provenance, "folds": None}, fold=i, quiet=quiet)
+                 for i in range(k)]
+    cv = {"folds": summaries}
+    for side in ("val", "test"):
+        rows = [s[side] for s in summaries if side in s]
+        if rows:
+            cv[side] = {key: {"mean": float(np.mean([r[key] for r in rows])), "std": float(np.std([r[key] for r in rows], ddof=1)) if len(rows) > 1 else 0.0,
+                              "values": [r[key] for r in rows]}
+                        for key in ("accuracy", "balanced_accuracy", "mcc", "loss")}
+    write_json(run_dir / "cv.json", cv)
+    return cv
