@@ -68,9 +68,10 @@ def main(args) -> int:
     for i, fold_dir in enumerate(fold_dirs):
         prefix = "" if folds == 1 else f"fold{i}/"
         resume = ["--resume", str(fold_dir)] if (fold_dir / "train" / "state").exists() else []
+        qat_resume = ["--resume"] if (fold_dir / "models" / "qat_state" / "state.json").exists() else []
         plan += [(f"{prefix}train", ["train", "--manifest", str(manifest), "--run", str(fold_dir),
                                      "--profile", profile, "--dataset", dataset, "--fold", str(i), *resume]),
-                 (f"{prefix}quantize", ["quantize", str(fold_dir)]),
+                 (f"{prefix}quantize", ["quantize", str(fold_dir), *qat_resume]),
                  (f"{prefix}export", ["export", str(fold_dir)]),
                  (f"{prefix}benchmark", ["benchmark", str(fold_dir),
                                          *([] if i == 0 else ["--threads", "none"])])]

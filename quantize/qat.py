@@ -42,7 +42,6 @@ from train.model import flatten
 
 # Keys of the config's `qat` section that configs/defaults.json does not hold yet; the values
 # there win as soon as they exist.
-QAT_FALLBACKS = {"distill": True, "distill_weight": 1.0, "temperature": 1.0, "patience": 2}
 STATE_DIR = "qat_state"
 
 
@@ -55,7 +54,7 @@ def add_arguments(parser) -> None:
 
 
 def qat_settings(config: dict, epochs: int | None = None, lr: float | None = None) -> dict:
-    settings = {**QAT_FALLBACKS, **config["qat"]}
+    settings = config["qat"]
     if epochs is not None:
         settings["epochs"] = epochs
     if lr is not None:
