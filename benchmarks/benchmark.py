@@ -22,6 +22,7 @@ import numpy as np
 
 from edge_runtime.console import add_output_flags, print_json, progress, say
 from edge_runtime.errors import EXIT_OK, EXIT_SOME_FAILED, OncoliteError
+from edge_runtime.hashing import file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Report order; also the file names under RUN_DIR/models/ (<variant>.tflite).
@@ -111,7 +112,8 @@ def find_models(run_dir: Path) -> dict[str, Path]:
     if not keras_path.is_file():
         raise OncoliteError(f"{keras_path}: missing; train first (`oncolite train`) or give the right RUN_DIR")
     found = {FLOAT: keras_path}
-    others = sorted(p for p in models.glob("*.tflite") if p.stem not in TFLITE_VARIANTS)
+    # Hidden files are an atomic writer's temporaries (.<stem>.<random>.tmp.tflite), possibly half-written.
+    others = sorted(p for p in models.glob("*.tflite") if p.stem not in TFLITE_VARIANTS and not p.name.startswith("."))
     for path in [models / f"{v}.tflite" for v in TFLITE_VARIANTS] + others:
         if path.is_file():
             found[f"tflite_{path.stem}"] = path
@@ -124,7 +126,7 @@ def model_preprocessing(run_dir: Path):
     """The preprocessing the variants were exported with (their sidecars carry it)."""
     from edge_runtime.preprocess import Preprocessing
 
-    for sidecar in sorted((run_dir / "models").glob("*.json")):
+    for sidecar in sorted(p for p in (run_dir / "models").glob("*.json") if not p.name.startswith(".")):
         try:
             d = json.loads(sidecar.read_text())
         except (OSError, json.JSONDecodeError):
@@ -138,6 +140,7 @@ def run_benchmark(run_dir, manifest_path=None, side="test", threads=(1, 2, 4), r
                   bootstrap=1000, targets=(), quiet=False, command=None):
     """Evaluate and time everything; returns (report dict, {name: probs}, y_true)."""
     from train.manifest import load_manifest
+    from train.provenance import git_state
 
     run_dir = Path(run_dir)
     models = find_models(run_dir)
@@ -176,7 +179,7 @@ def run_benchmark(run_dir, manifest_path=None, side="test", threads=(1, 2, 4), r
         "labels": labels,
         "split": split_facts(manifest, manifest_path, side, len(items)),
         "machine": machine_facts(),
-        "git": git_facts(),
+        "git": git_state(),
         "settings": {"threads": list(threads), "runs": runs, "warmup": warmup, "bootstrap": bootstrap,
                      "latency_images": len(images), "preprocessing": prep.to_dict()},
         "variants": variants,
@@ -237,8 +240,6 @@ def _number(value):
 
 
 def add_cost_side(variants: dict, models: dict) -> None:
-    from train.manifest import file_sha256
-
     keras_size = models[FLOAT].stat().st_size
     fp32 = models.get("tflite_fp32")
     fp32_size = fp32.stat().st_size if fp32 else None
@@ -278,7 +279,7 @@ def add_latency(variants, models, images, prep, threads, runs, warmup, quiet) ->
 
 def run_json(cmd: list[str], what: str, timeout: float = 3600) -> dict:
     """Run a command that prints one JSON document; its stderr becomes the error message."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
     except subprocess.TimeoutExpired:
@@ -340,29 +341,11 @@ def split_facts(manifest, manifest_path: Path, side: str, n: int) -> dict:
 
 def machine_facts() -> dict:
     """The edge bench's device facts (CPU model and flags, CPUs) plus OS, usable cores, interpreters."""
-    import importlib.metadata as md
-
     from edge_runtime.bench import device_facts
-
-    def version(pkg):
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
+    from train.provenance import package_version
 
     return {**device_facts(), "usable_cores": available_cores(), "os": platform.platform(),
-            "interpreters": {pkg: version(pkg) for pkg in ("ai-edge-litert", "tflite-runtime", "tensorflow", "tf-keras")}}
-
-
-def git_facts() -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=REPO_ROOT, timeout=30).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-
-    commit = git("rev-parse", "HEAD")
-    return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
+            "interpreters": {pkg: package_version(pkg) for pkg in ("ai-edge-litert", "tflite-runtime", "tensorflow", "tf-keras")}}
 
 
 def validate_report(d: dict) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -65,8 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import train  # noqa: F401  (TensorFlow's environment: legacy Keras, log level; imports no TensorFlow)
     prep = Preprocessing.from_dict(json.loads(args.prep))
     result = time_keras(str(Path(args.model)), args.images, prep, args.threads, args.runs, args.warmup)
     json.dump(result, sys.stdout)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.atomic import atomic_path, write_json, write_text
+from edge_runtime.atomic import write_json, write_text
+from train.plots import draw_confusion, pyplot, save_png
 
 FLOAT = "keras_float"
 # Published MobileNetV2 (1.0, 224 px) latencies, batch 1; the sources as /work/shared/NOTES.md gives them.
@@ -153,23 +154,8 @@ def markdown(report: dict) -> str:
 
 # --- plots ----------------------------------------------------------------------------------------
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    fig.clf()
-
-
 def plot_accuracy_vs_size(report: dict, path: Path) -> None:
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, v in report["variants"].items():
         if v.get("size_bytes") is None or v.get("accuracy") is None:
@@ -181,12 +167,11 @@ def plot_accuracy_vs_size(report: dict, path: Path) -> None:
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel("accuracy (95 % CI)")
     ax.set_title("accuracy vs size")
-    _save(fig, path)
-    plt.close(fig)
+    save_png(fig, path, dpi=110, tight=True)
 
 
 def plot_latency(report: dict, path: Path) -> None:
-    plt = _figure()
+    plt = pyplot()
     threads = [str(t) for t in report["settings"]["threads"]]
     names = [n for n, v in report["variants"].items() if v.get("latency_ms")]
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 1.3), 4))
@@ -206,27 +191,20 @@ def plot_latency(report: dict, path: Path) -> None:
     ax.set_ylabel("ms per image (p50; bars from min to p90)")
     ax.set_title("inference latency, batch 1")
     ax.legend(fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
+    save_png(fig, path, dpi=110, tight=True)
 
 
 def plot_confusions(report: dict, path: Path) -> None:
-    plt = _figure()
+    plt = pyplot()
     names = [n for n, v in report["variants"].items() if v.get("confusion_matrix")]
     labels = report["labels"]
     fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.8), squeeze=False)
     for ax, n in zip(axes[0], names):
-        cm = np.asarray(report["variants"][n]["confusion_matrix"])
-        ax.imshow(cm, cmap="Blues")
-        for (i, j), c in np.ndenumerate(cm):
-            ax.text(j, i, str(c), ha="center", va="center", fontsize=8,
-                    color="white" if c > cm.max() / 2 else "black")
+        draw_confusion(ax, np.asarray(report["variants"][n]["confusion_matrix"], dtype=int),
+                       [lab[:6] for lab in labels], fontsize=7)
         ax.set_title(n, fontsize=8)
-        ax.set_xticks(range(len(labels)), [lab[:6] for lab in labels], fontsize=7)
-        ax.set_yticks(range(len(labels)), [lab[:6] for lab in labels], fontsize=7)
     axes[0][0].set_ylabel("true")
-    _save(fig, path)
-    plt.close(fig)
+    save_png(fig, path, dpi=110, tight=True)
 
 
 def reliability(y, probs, bins: int = 10) -> dict:
@@ -243,7 +221,7 @@ def reliability(y, probs, bins: int = 10) -> dict:
 
 
 def plot_reliability(curves: dict, path: Path) -> None:
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
     for name, c in curves.items():
@@ -252,8 +230,7 @@ def plot_reliability(curves: dict, path: Path) -> None:
     ax.set_ylabel("accuracy")
     ax.set_title("reliability: float vs int8")
     ax.legend(fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
+    save_png(fig, path, dpi=110, tight=True)
 
 
 def write_report(out_dir: Path, report: dict, probs: dict, y) -> str:

@@ -46,8 +46,11 @@ def _interpreter_module(name: str):
     return tf.lite
 
 
-def make_interpreter(model, backend: str | None = None, threads: int | None = None, resolver: str = "default"):
+def make_interpreter(model, backend: str | None = None, threads: int | None = None, resolver: str = "default",
+                     name: str | None = None):
     """(allocated interpreter, backend name) for a model path or bytes.
+
+    `name`: how errors name the model (default: the path, or "<model bytes>").
 
     `backend` forces one of BACKENDS; otherwise the first installed one that can run the model.
     `resolver="reference"` uses the reference kernels (BUILTIN_REF): slower, but bit-identical
@@ -56,7 +59,7 @@ def make_interpreter(model, backend: str | None = None, threads: int | None = No
     if resolver not in RESOLVERS:
         raise BackendError(f"resolver must be one of {', '.join(RESOLVERS)}, got {resolver!r}")
     model_bytes = model if isinstance(model, (bytes, bytearray)) else Path(model).read_bytes()
-    name = os.fsdecode(model) if isinstance(model, (str, os.PathLike)) else "<model bytes>"
+    name = name or (os.fsdecode(model) if isinstance(model, (str, os.PathLike)) else "<model bytes>")
     kind = model_kind(model_bytes)
     for candidate in _candidates(backend):
         if kind in CANNOT_RUN.get(candidate, ()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from tqdm import tqdm
@@ -31,3 +32,10 @@ def say(args, *lines) -> None:
         return
     for line in lines:
         print(line)
+
+
+def printable(text) -> str:
+    """Printable text for a file name (str or bytes): bytes that are not UTF-8 show as \\xNN
+    instead of crashing the output or a UTF-8 report."""
+    text = text if isinstance(text, str) else os.fsdecode(text)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -2,7 +2,9 @@
 
 `EdgeModel.load` refuses, with one line naming the file and the fix, anything that would give
 silently wrong answers: not a TFLite file, truncated or corrupt, not one NHWC RGB input and one
-[1, C] output, labels that do not match C, a file that differs from its sidecar's sha256.
+[1, C] output, input/output types other than float32 or scaled int8/uint8, labels that do not
+match C, a file that differs from its sidecar's sha256, a sidecar whose labels, preprocessing or
+input/output facts disagree with the model's metadata or tensors.
 Labels, preprocessing and the operating threshold come from the model's own metadata, the
 sidecar `<model>.json` being the fallback for models without it.
 
@@ -11,7 +13,6 @@ Also the `info` command: `python -m edge_runtime info MODEL [--json]`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -23,6 +24,7 @@ import numpy as np
 from edge_runtime.backends import make_interpreter
 from edge_runtime.flatbuf import model_kind
 from edge_runtime.errors import EXIT_OK, ModelError
+from edge_runtime.hashing import bytes_sha256
 from edge_runtime.metadata import MODEL_IDENTIFIER, read_metadata
 from edge_runtime.preprocess import Preprocessing, dequantize, preprocess, quantize
 
@@ -82,7 +84,7 @@ class EdgeModel:
     def load(cls, path, backend: str | None = None, threads: int | None = None, resolver: str = "default") -> "EdgeModel":
         path = Path(path)
         data = _read_model_bytes(path)
-        digest = hashlib.sha256(data).hexdigest()
+        digest = bytes_sha256(data)
         sidecar = _read_sidecar(path)
         _check_sidecar_hash(path, sidecar, digest)
         try:
@@ -93,15 +95,21 @@ class EdgeModel:
         except Exception as e:  # a truncated flatbuffer fails in whatever field is read first
             raise ModelError(f"{path}: not a valid TFLite flatbuffer ({type(e).__name__}); "
                              "the file is truncated or corrupt, re-copy or re-export it") from None
-        interpreter, backend_name = make_interpreter(data, backend=backend, threads=threads, resolver=resolver)
+        interpreter, backend_name = make_interpreter(data, backend=backend, threads=threads, resolver=resolver,
+                                                     name=os.fsdecode(path))
         inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
         _check_tensors(path, inputs, outputs)
+        tensors = {"input": TensorInfo.from_details(inputs[0]), "output": TensorInfo.from_details(outputs[0])}
+        _check_tensor_types(path, tensors)
+        _check_sidecar_agrees(path, metadata, sidecar)
+        for where, described in ((sidecar_path(path).name, sidecar), ("the model's metadata", (metadata or {}).get("extra"))):
+            _check_io_facts(path, where, described, tensors)
         facts = (metadata or {}).get("extra") or sidecar or {}
         labels = (metadata or {}).get("labels") or (sidecar or {}).get("labels")
         model = cls(path=path, interpreter=interpreter, backend=backend_name,
                     labels=_check_labels(path, labels, int(outputs[0]["shape"][-1])),
                     prep=_prep(path, metadata, sidecar, inputs[0]), threshold=None,
-                    input=TensorInfo.from_details(inputs[0]), output=TensorInfo.from_details(outputs[0]),
+                    input=tensors["input"], output=tensors["output"],
                     kind=kind, sha256=digest, size_bytes=len(data), facts=facts, has_metadata=metadata is not None)
         model.threshold = _check_threshold(path, facts.get("threshold", (sidecar or {}).get("threshold")), model.labels)
         return model
@@ -225,6 +233,61 @@ def _check_tensors(path: Path, inputs: list, outputs: list) -> None:
         raise ModelError(f"{path}: input shape {shape_in} is not [1, H, W, 3] (NHWC RGB); export the model with that input")
     if len(shape_out) != 2 or shape_out[0] != 1 or shape_out[1] < 2:
         raise ModelError(f"{path}: output shape {shape_out} is not [1, C] class scores; export a classifier head")
+
+
+# Tensor types the runtime knows how to feed and read (quantize_input / run).
+IO_DTYPES = ("float32", "int8", "uint8")
+
+
+def _check_tensor_types(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    for role, t in tensors.items():
+        dtype = np.dtype(t.dtype).name
+        if dtype not in IO_DTYPES:
+            raise ModelError(f"{path}: {role} tensor is {dtype}, not one of {', '.join(IO_DTYPES)}; "
+                             "export the model with float32, int8 or uint8 input and output")
+        if dtype != "float32" and not t.quantized:
+            raise ModelError(f"{path}: {role} tensor is {dtype} with no quantization scale, so its values "
+                             "cannot be converted; re-export the model with a representative dataset")
+
+
+def _check_sidecar_agrees(path: Path, metadata: dict | None, sidecar: dict | None) -> None:
+    """A model with metadata and a sidecar: both must say the same, or one belongs to another model."""
+    if metadata is None or sidecar is None:
+        return
+    name = sidecar_path(path).name
+    ours, theirs = metadata.get("labels"), sidecar.get("labels")
+    if ours and theirs is not None and [str(v) for v in theirs] != [str(v) for v in ours]:
+        raise ModelError(f"{path}: labels {list(ours)} in the model's metadata but {list(theirs)} in {name}; "
+                         "the sidecar belongs to another model, copy the model with its own sidecar or re-export")
+    stored = sidecar.get("preprocessing")
+    if stored and not _same_prep(metadata["prep"], Preprocessing.from_dict(stored)):
+        raise ModelError(f"{path}: preprocessing {metadata['prep'].to_dict()} in the model's metadata but {stored} "
+                         f"in {name}; the sidecar belongs to another model, copy the model with its own sidecar or re-export")
+
+
+def _same_prep(a: Preprocessing, b: Preprocessing) -> bool:
+    # Metadata stores mean/std as float32: compare at that precision.
+    return ((a.height, a.width, a.resample) == (b.height, b.width, b.resample)
+            and np.allclose(a.mean, b.mean, rtol=1e-6) and np.allclose(a.std, b.std, rtol=1e-6))
+
+
+def _check_io_facts(path: Path, where: str, described: dict | None, tensors: dict[str, TensorInfo]) -> None:
+    """The input/output facts a sidecar (or the metadata) records must be the model's real tensors:
+    a wrong scale or zero point would quantize every input wrongly without any error."""
+    for role, t in tensors.items():
+        facts = (described or {}).get(role)
+        if not isinstance(facts, dict):
+            continue
+        real = t.to_dict()
+        # Export writes null scale and zero point for float tensors; the interpreter reports 0.
+        said = {"dtype": facts.get("dtype"), "shape": facts.get("shape"),
+                "scale": facts.get("scale") or 0.0, "zero_point": facts.get("zero_point") or 0}
+        same = (said["dtype"] == real["dtype"] and list(said["shape"] or []) == real["shape"]
+                and np.isclose(float(said["scale"]), real["scale"], rtol=1e-6, atol=0.0)
+                and int(said["zero_point"]) == real["zero_point"])
+        if not same:
+            raise ModelError(f"{path}: {where} describes the {role} tensor as {said} but the model has {real}; "
+                             "the description belongs to another model, copy the model with its own sidecar or re-export")
 
 
 def _check_labels(path: Path, labels, num_outputs: int) -> list[str]:

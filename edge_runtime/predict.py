@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from edge_runtime.backends import BACKENDS, RESOLVERS
-from edge_runtime.console import add_output_flags, print_json, progress
+from edge_runtime.console import add_output_flags, print_json, printable, progress
 from edge_runtime.errors import EXIT_OK, EXIT_SOME_FAILED, ImageError, OncoliteError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -75,7 +75,7 @@ def find_inputs(paths: list[str]) -> list[str]:
         else:
             files += sorted(p for p in glob.glob(path, recursive=True) if not os.path.isdir(p))
     if not files:
-        raise OncoliteError(f"no images found in {', '.join(safe(p) for p in paths) or 'the arguments'}; "
+        raise OncoliteError(f"no images found in {', '.join(printable(p) for p in paths) or 'the arguments'}; "
                             "pass image files, folders or globs")
     return files
 
@@ -84,13 +84,15 @@ def _walk_images(folder: str) -> list[str]:
     found = []
     for root, dirs, names in os.walk(folder, followlinks=False):
         dirs.sort()
-        found += [os.path.join(root, n) for n in sorted(names) if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+        # Hidden files are not inputs: an atomic writer's temporaries, macOS's ._ resource forks.
+        found += [os.path.join(root, n) for n in sorted(names)
+                  if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
     return found
 
 
 def classify(model, path: str, top_k: int) -> dict:
     """One image -> its result row, or a row with `error` (the batch goes on)."""
-    name = safe(path)
+    name = printable(path)
     try:
         started = time.perf_counter()
         tensor = model.quantize_input(model.prepare(path)[None])
@@ -98,19 +100,13 @@ def classify(model, path: str, top_k: int) -> dict:
         probs = model.run(tensor)
         finished = time.perf_counter()
     except ImageError as e:
-        return {"file": name, "error": safe(str(e))}
+        return {"file": name, "error": printable(str(e))}
     index = model.decide(probs)
     ranked = sorted(range(len(probs)), key=lambda i: -probs[i])[:max(top_k, 1)]
     return {"file": name, "label": model.labels[index], "index": index, "probability": float(probs[index]),
             "probabilities": {label: float(p) for label, p in zip(model.labels, probs)},
             "top_k": [[model.labels[i], float(probs[i])] for i in ranked],
             "preprocess_ms": round((prepared - started) * 1000, 3), "inference_ms": round((finished - prepared) * 1000, 3)}
-
-
-def safe(text) -> str:
-    """Printable text for a file name: bytes that are not UTF-8 show as \\xNN instead of crashing the output."""
-    text = text if isinstance(text, str) else os.fsdecode(text)
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def print_table(results: list[dict], quiet: bool = False) -> None:

@@ -8,8 +8,10 @@ the float model and the int8 model see bit-identical inputs for the same file.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -78,7 +80,11 @@ def open_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """
     name = _name(source)
     try:
-        fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            fp = io.BytesIO(bytes(source))
+        else:
+            fp = Path(source)
+            _check_regular_file(fp, name)
         with Image.open(fp) as im:
             width, height = im.size
             if width * height > max_pixels:
@@ -94,8 +100,6 @@ def open_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise
     except FileNotFoundError:
         raise ImageError(f"{name}: file not found; check the path") from None
-    except IsADirectoryError:
-        raise ImageError(f"{name}: is a folder, not an image") from None
     except PermissionError:
         raise ImageError(f"{name}: permission denied; make the file readable") from None
     except UnidentifiedImageError:
@@ -104,6 +108,20 @@ def open_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageError(f"{name}: {e}; resize the image first") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{name}: cannot decode ({e}); the file is truncated or corrupt, re-export it") from None
+
+
+def _check_regular_file(path: Path, name: str) -> None:
+    # Opening a FIFO (or a device) for reading blocks until a writer comes: refuse it from its stat.
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError(f"{name}: symlink loop; fix the link") from None
+        raise  # not found, permission denied: reported by open_image
+    if stat.S_ISDIR(mode):
+        raise ImageError(f"{name}: is a folder, not an image")
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"{name}: not a regular file; remove it")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -25,8 +25,9 @@ import tensorflow as tf
 from edge_runtime.atomic import write_json, write_text
 from edge_runtime.model import EdgeModel
 from quantize import checks
-from quantize.rundir import Run, load_float_model
+from quantize.rundir import Run
 from train.data import load_arrays
+from train.model import load_float_model
 
 DEBUG_IMAGES = 32  # validation images the debugger runs; per-layer errors settle well before that
 TOP_LAYERS = 10

@@ -14,7 +14,6 @@ A variant whose sidecar is valid for the same source model and options is not re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,10 +25,13 @@ import tensorflow as tf
 from edge_runtime.atomic import write_bytes, write_json
 from edge_runtime.console import add_output_flags, print_json, progress, say
 from edge_runtime.errors import EXIT_OK, OncoliteError
+from edge_runtime.hashing import bytes_sha256, file_sha256
 from edge_runtime.metadata import write_metadata
+from edge_runtime.model import sidecar_path
 from edge_runtime.preprocess import preprocess
 from quantize import checks
-from quantize.rundir import Run, file_sha256, load_float_model, open_run
+from quantize.rundir import Run, open_run
+from train.model import load_float_model
 
 VARIANTS = ("fp32", "fp16", "dynamic", "int8_ptq", "int8_qat")
 INT8_VARIANTS = ("int8_ptq", "int8_qat")
@@ -117,10 +119,6 @@ def io_facts(model_bytes: bytes) -> dict:
     return {"input": describe(interpreter.get_input_details()[0]), "output": describe(interpreter.get_output_details()[0])}
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def sidecar_facts(run: Run, variant: str, model_bytes: bytes, source: dict, options: dict, calibration) -> dict:
     """The sidecar without the file's own hash and size (those are of the file with metadata)."""
     return {"format": SIDECAR_FORMAT, "variant": variant, "description": DESCRIPTIONS[variant],
@@ -145,12 +143,21 @@ def already_exported(models: Path, variant: str, source: dict, options: dict) ->
 
 
 def write_export(run: Run, variant: str, model_bytes: bytes, facts: dict) -> dict:
-    """Metadata into the model, then the .tflite and its sidecar, each atomically (model first)."""
+    """Metadata into the model, then the .tflite and its sidecar, each atomically.
+
+    Two files cannot be replaced in one step, so the old sidecar goes first: at every moment a
+    sidecar that exists describes the model beside it. A kill in between leaves a model without
+    a sidecar, which EdgeModel.load reads from its own metadata (the same facts) and the next
+    export redoes (already_exported needs both files); never a new model beside the old sidecar,
+    whose sha256 would make EdgeModel.load refuse it.
+    """
     described = write_metadata(model_bytes, name=f"oncolite {variant}", description=facts["description"],
                                labels=run.labels, prep=run.prep, extra=facts)
-    sidecar = {**facts, "sha256": sha256(described), "size_bytes": len(described)}
-    write_bytes(run.models / f"{variant}.tflite", described)
-    write_json(run.models / f"{variant}.json", sidecar)
+    sidecar = {**facts, "sha256": bytes_sha256(described), "size_bytes": len(described)}
+    path = run.models / f"{variant}.tflite"
+    sidecar_path(path).unlink(missing_ok=True)
+    write_bytes(path, described)
+    write_json(sidecar_path(path), sidecar)
     return sidecar
 
 

@@ -36,13 +36,13 @@ from tensorflow_model_optimization.python.core.quantization.keras import quant_o
 from edge_runtime.atomic import atomic_path, write_json
 from edge_runtime.console import add_output_flags, print_json, progress, say
 from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
-from quantize.rundir import Run, file_sha256, load_float_model, open_run
-from train.data import load_arrays, make_dataset
-from train.model import flatten
+from edge_runtime.hashing import file_sha256
+from quantize.rundir import Run, open_run
+from train.checkpoints import save_resume_point
+from train.data import image_errors, load_arrays, make_dataset
+from train.model import flatten, load_float_model
 
-# Keys of the config's `qat` section that configs/defaults.json does not hold yet; the values
-# there win as soon as they exist.
-STATE_DIR = "qat_state"
+STATE_DIR = "qat_state"  # under RUN_DIR/models/
 
 
 def add_arguments(parser) -> None:
@@ -217,20 +217,23 @@ def run_qat(run: Run, settings: dict, resume: bool = False, quiet: bool = True) 
         return agreement_scores(student.predict(x_val, batch_size=batch_size, verbose=0), teacher_val, y_val)
 
     if state is None:
-        steps = settle_ranges(student, train_ds.repeat(), int(settings["settle_steps"]), quiet=quiet)
+        with image_errors():
+            steps = settle_ranges(student, train_ds.repeat(), int(settings["settle_steps"]), quiet=quiet)
         scores = validate()
         state = {"source_sha256": source_sha, "settings": settings, "settle_steps": steps, "epoch": 0,
-                 "best_epoch": 0, "best": scores, "bad_epochs": 0, "history": [{"epoch": 0, "loss": None, **scores}]}
+                 "best_epoch": 0, "best": scores, "bad_epochs": 0, "history": [{"epoch": 0, "loss": None, **scores}],
+                 "checkpoint": None, "best_checkpoint": None}
         _save(checkpoint, best_checkpoint, state_dir, state, improved=True)
     else:
-        checkpoint.read(str(state_dir / "last")).assert_existing_objects_matched()
+        checkpoint.read(str(state_dir / state["checkpoint"])).assert_existing_objects_matched()
     resumed_after = state["epoch"] if resume else None
 
     step = make_train_step(student, teacher, optimizer, settings)
     while state["epoch"] < settings["epochs"] and state["bad_epochs"] < settings["patience"]:
         epoch = state["epoch"] + 1
         started = time.monotonic()
-        losses = [float(step(x, y)) for x, y in progress(train_ds, desc=f"QAT epoch {epoch}", quiet=quiet, unit="batch")]
+        with image_errors():
+            losses = [float(step(x, y)) for x, y in progress(train_ds, desc=f"QAT epoch {epoch}", quiet=quiet, unit="batch")]
         scores = validate()
         improved = _better(scores, state["best"])
         state["history"].append({"epoch": epoch, "loss": float(np.mean(losses)), **scores,
@@ -240,7 +243,7 @@ def run_qat(run: Run, settings: dict, resume: bool = False, quiet: bool = True) 
             state.update(best_epoch=epoch, best=scores)
         _save(checkpoint, best_checkpoint, state_dir, state, improved)
 
-    best_checkpoint.read(str(state_dir / "best")).assert_existing_objects_matched()
+    best_checkpoint.read(str(state_dir / state["best_checkpoint"])).assert_existing_objects_matched()
     with atomic_path(run.models / "qat.keras") as tmp:
         student.save(tmp)
     summary = {"qat_model": str(run.models / "qat.keras"), "source_sha256": source_sha,
@@ -252,19 +255,23 @@ def run_qat(run: Run, settings: dict, resume: bool = False, quiet: bool = True) 
 
 
 def _save(checkpoint, best_checkpoint, state_dir: Path, state: dict, improved: bool) -> None:
-    """Checkpoint files first, state.json (atomically) last: a kill in between leaves the previous
-    state pointing at the previous, complete checkpoint."""
+    """This epoch's checkpoints under new names, then state.json naming them (see train.checkpoints):
+    a kill at any moment leaves the previous state pointing at complete checkpoints."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.write(str(state_dir / "last"))
+    state["checkpoint"] = f"epoch-{state['epoch']}"
+    checkpoint.write(str(state_dir / state["checkpoint"]))
     if improved:
-        best_checkpoint.write(str(state_dir / "best"))
-    write_json(state_dir / "state.json", state)
+        state["best_checkpoint"] = f"best-{state['epoch']}"
+        best_checkpoint.write(str(state_dir / state["best_checkpoint"]))
+    save_resume_point(state_dir / "state.json", state, keep={state["checkpoint"], state["best_checkpoint"]})
 
 
 def _read_state(path: Path, source_sha: str, settings: dict) -> dict:
     if not path.exists():
         raise OncoliteError(f"{path}: nothing to resume; run without --resume")
     state = json.loads(path.read_text(encoding="utf-8"))
+    if "checkpoint" not in state:
+        raise OncoliteError(f"{path}: written by an older oncolite (fixed checkpoint names); run without --resume")
     if state["source_sha256"] != source_sha:
         raise OncoliteError(f"{path}: the float model changed since this QAT run started; run without --resume")
     changed = sorted(k for k in ("distill", "distill_weight", "temperature", "freeze_bn", "lr")

@@ -1,18 +1,14 @@
 """What the quantize and export commands read from a run directory: its config, its manifest,
-the input contract, the float model and the operating point.
+the input contract and the operating point (the float model: train.model.load_float_model).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-import tf_keras as keras
-
-from edge_runtime.errors import ModelError, OncoliteError
+from edge_runtime.errors import OncoliteError
 from edge_runtime.preprocess import Preprocessing
 from train.config import preprocessing
 from train.manifest import load_manifest
@@ -57,18 +53,3 @@ def open_run(run_dir: str | Path) -> Run:
     config, provenance = read_run_config(path)
     return Run(path=path, config=config, manifest=load_manifest(path / "manifest.json"), prep=preprocessing(config),
                fold=provenance.get("fold"))
-
-
-def load_float_model(path: str | Path) -> keras.Model:
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"{path}: no float model; run `oncolite train` into this run directory first")
-    return keras.models.load_model(path, compile=False, safe_mode=True)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

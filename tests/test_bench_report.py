@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import devices, report as report_mod
-from benchmarks.benchmark import parse_threads, validate_report
+from benchmarks.benchmark import find_models, model_preprocessing, parse_threads, validate_report
 from edge_runtime.atomic import write_json
 from oncolite.cli import main as oncolite
 
@@ -106,6 +106,20 @@ def test_compare_merges_reports_from_several_machines(tiny_run, benchmarked, tmp
     assert len(sources) == 2 and len(merged["rows"]) == 2 * len(report["variants"])
     assert "Raspberry Pi 4" in (tiny_run / "benchmark" / "compare.md").read_text()
     assert report_mod.published_matches(other["machine"]["cpu_model"])[0]["int8_ms"] == 17
+
+
+def test_atomic_temporaries_left_by_a_kill_are_not_models(tiny_run):
+    """A kill mid-write leaves hidden `.<stem>.<random>.tmp<suffix>` files: never a variant, never a sidecar."""
+    models = tiny_run / "models"
+    strays = [models / ".fp32.k1ll3d.tmp.tflite", models / ".a.k1ll3d.tmp.json"]
+    strays[0].write_bytes((models / "fp32.tflite").read_bytes()[:100])
+    write_json(strays[1], {"preprocessing": {"height": 99, "width": 99}})  # sorts before every sidecar
+    try:
+        assert set(find_models(tiny_run)) == {"keras_float", "tflite_fp32", "tflite_int8_ptq"}
+        assert model_preprocessing(tiny_run).height == 16
+    finally:
+        for stray in strays:
+            stray.unlink()
 
 
 def test_threads_are_capped_at_the_cores(monkeypatch):

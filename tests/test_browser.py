@@ -1,7 +1,7 @@
 """The field page in a real browser: Debian's headless Chromium at a phone viewport, via Playwright.
 
 Needs `apt-get install chromium` (never `playwright install`: nothing is downloaded at run time).
-ONCOLITE_UPDATE_SCREENSHOT=1 writes the screenshot to docs/field-page.png; otherwise it goes to
+ONCOLITE_WRITE_REPORTS=1 writes the screenshot to docs/field-page.png; otherwise it goes to
 the test's tmp folder, so a test run never dirties the tree.
 """
 
@@ -101,7 +101,7 @@ def test_phone_upload_shows_the_api_answer(browser, model, tmp_path):
             assert page.get_attribute("#camera", "capture") is not None
             assert not page.is_visible("#token-form") and not page.is_visible("#error")
             shown = upload_and_read(page, scan)
-            path = SCREENSHOT if os.environ.get("ONCOLITE_UPDATE_SCREENSHOT") == "1" else tmp_path / "field-page.png"
+            path = SCREENSHOT if os.environ.get("ONCOLITE_WRITE_REPORTS") == "1" else tmp_path / "field-page.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(path), full_page=True)
         finally:

@@ -119,3 +119,11 @@ def test_symlink_loops_and_unreadable_folders_do_not_hang(tmp_path):
         locked.chmod(0o755)
     assert len(ds.records) == 4 or os.geteuid() == 0  # root reads a mode-0 folder anyway
     assert any("symlink loop" in s.reason for s in ds.skipped)
+
+
+def test_a_self_looping_symlink_is_skipped_and_its_folder_kept(tmp_path):
+    folder_tree(tmp_path, {"a": 2, "b": 3})
+    os.symlink("self.png", tmp_path / "b" / "self.png")  # stat() on it fails with ELOOP
+    ds = load_dataset(tmp_path)
+    assert sum(r.label == "b" for r in ds.records) == 3
+    assert [(os.path.basename(s.path), s.reason) for s in ds.skipped] == [("self.png", "symlink loop; fix or remove it")]

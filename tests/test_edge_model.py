@@ -103,6 +103,52 @@ def test_sidecar_sha_mismatch_is_refused(folder):
         EdgeModel.load(path)
 
 
+def _sidecar_with(path, **changes):
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    write_json(path.with_suffix(".json"), {**sidecar, **changes})
+
+
+def test_sidecar_preprocessing_disagreeing_with_the_metadata_is_refused(folder):
+    path = model_file(folder / "prep", "int8")
+    _sidecar_with(path, preprocessing={**PREP.to_dict(), "mean": [0.0, 0.0, 0.0], "std": [255.0, 255.0, 255.0]})
+    with pytest.raises(ModelError, match=r"preprocessing .* in int8.json") as caught:
+        EdgeModel.load(path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_sidecar_input_output_facts_that_match_the_tensors_load(folder, variant):
+    path = model_file(folder / f"io-{variant}", variant)
+    real = EdgeModel.load(path)
+    # As export writes them: null scale and zero point for float tensors.
+    facts = {role: {**t.to_dict(), **({} if t.quantized else {"scale": None, "zero_point": None})}
+             for role, t in (("input", real.input), ("output", real.output))}
+    _sidecar_with(path, **facts)
+    assert EdgeModel.load(path).input.to_dict() == real.input.to_dict()
+
+
+@pytest.mark.parametrize("role, field, value", [("input", "scale", 0.5), ("input", "zero_point", 3),
+                                                ("output", "dtype", "uint8"), ("input", "shape", [1, 8, 8, 3])])
+def test_sidecar_input_output_facts_that_differ_from_the_tensors_are_refused(folder, role, field, value):
+    path = model_file(folder / f"io-bad-{role}-{field}", "int8")
+    real = getattr(EdgeModel.load(path), role).to_dict()
+    _sidecar_with(path, **{role: {**real, field: value}})
+    with pytest.raises(ModelError, match=f"int8.json describes the {role} tensor") as caught:
+        EdgeModel.load(path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("dtype, scale, problem", [(np.float16, 0.0, "float16, not one of"),
+                                                   (np.int16, 0.1, "int16, not one of"),
+                                                   (np.int8, 0.0, "int8 with no quantization scale")])
+def test_input_output_types_the_runtime_cannot_feed_are_refused(dtype, scale, problem):
+    from edge_runtime.model import TensorInfo, _check_tensor_types
+
+    odd = TensorInfo(0, dtype, (1, 2), scale, 0)
+    with pytest.raises(ModelError, match=f"m.tflite: output tensor is {problem}"):
+        _check_tensor_types("m.tflite", {"output": odd})
+
+
 @pytest.mark.parametrize("damage", ["empty", "text", "truncated_half", "truncated_header", "flipped"])
 def test_corrupt_or_truncated_model_is_refused(folder, damage):
     good = model_file(folder / "good", "int8", sidecar=False).read_bytes()

@@ -29,6 +29,8 @@ def setup(tmp_path_factory):
     bad[1].write_bytes(b"")
     odd = Path(os.fsdecode(bytes(images) + b"/caf\xe9.png"))  # not UTF-8
     odd.write_bytes(good[0].read_bytes())
+    # What a kill leaves from an atomic write: hidden, so never an input (the counts below exclude it).
+    (images / ".img9.k1ll3d.tmp.png").write_bytes(b"\x89PNG\r\n\x1a\n half")
     return {"root": root, "model": model, "images": images, "good": good, "bad": bad, "odd": odd}
 
 

@@ -171,6 +171,11 @@ def test_qat_resume_and_int8_qat_export(run_dir):
     assert [h["epoch"] for h in history] == [0, 1]
     assert history[0]["agreement"] >= 0.75  # settled ranges: the untrained QAT model already tracks float
     assert resumed["validation"]["agreement"] == max(h["agreement"] for h in history)  # best epoch kept
+    # Every epoch checkpoints under a new name; only those state.json names are kept.
+    state_dir = run_dir / "models" / "qat_state"
+    state = json.loads((state_dir / "state.json").read_text())
+    assert state["checkpoint"] == "epoch-1" and state["best_checkpoint"] in ("best-0", "best-1")
+    assert {p.name[: -len(".index")] for p in state_dir.glob("*.index")} == {state["checkpoint"], state["best_checkpoint"]}
     result = export_variants(run, ["int8_qat"], calibration_items(run.sides()["train"], 12, 0), "int8")
     assert result["int8_qat"]["sidecar"]["input"]["dtype"] == "int8"
     assert result["int8_qat"]["float_ops"] == []

@@ -278,8 +278,6 @@ def test_benchmark_survives_kills(exported):
 # ---------------------------------------------------------------- temporaries left by a kill
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="BUG benchmarks/benchmark.py find_models: Path.glob('*.tflite') also matches "
-                                       "the atomic writer's hidden temporaries (.fp32.<random>.tmp.tflite) left by a kill")
 def test_a_temporary_left_by_a_kill_is_ignored_by_the_next_stage(exported):
     from benchmarks.benchmark import find_models
 

@@ -1,7 +1,7 @@
 """The field server under load and under fuzzing, with a real tiny .tflite.
 
 The load test runs `python -m edge_runtime serve` as its own process on loopback and prints its
-figures; with ONCOLITE_UPDATE_REPORTS=1 it also writes them to reports/reliability/server_load.json
+figures; with ONCOLITE_WRITE_REPORTS=1 it also writes them to reports/reliability/server_load.json
 (for docs/RELIABILITY.md), otherwise to the test's tmp folder so a test run never dirties the tree.
 """
 
@@ -127,7 +127,7 @@ def test_load_mixed_uploads_no_5xx_flat_memory(served_model, tmp_path):
     latencies = np.array([ms for _, _, _, ms, _, _ in results])
     good = np.array([ms for _, _, _, ms, want, _ in results if want == 200])
     report = {
-        "command": "ONCOLITE_UPDATE_REPORTS=1 pytest tests/test_server_load.py -k mixed_uploads -s",
+        "command": "ONCOLITE_WRITE_REPORTS=1 pytest tests/test_server_load.py -k mixed_uploads -s",
         "server": " ".join(["python", "-m", "edge_runtime", "serve", "TINY.tflite", *command[5:]]),
         "model": "tiny 32x32 fp32 test classifier (tests/test_server.py: build_tiny_tflite)",
         "requests": len(results),
@@ -149,7 +149,7 @@ def test_load_mixed_uploads_no_5xx_flat_memory(served_model, tmp_path):
         "cpu_count": os.cpu_count(),
     }
     print(json.dumps(report, indent=2))
-    write_json(REPORT if os.environ.get("ONCOLITE_UPDATE_REPORTS") == "1" else tmp_path / REPORT.name, report)
+    write_json(REPORT if os.environ.get("ONCOLITE_WRITE_REPORTS") == "1" else tmp_path / REPORT.name, report)
 
     assert report["server_errors_5xx"] == 0 and report["client_errors"] == 0
     assert wrong == [] and mislabeled == []

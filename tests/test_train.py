@@ -17,7 +17,8 @@ from PIL import Image
 
 from edge_runtime.errors import OncoliteError
 from train.config import available, load_config, parse_overrides
-from train.manifest import file_sha256, load_manifest, write_manifest
+from edge_runtime.hashing import file_sha256
+from train.manifest import load_manifest, write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -83,6 +84,20 @@ def settings(config_path: Path) -> dict:
 
 
 # ---------------------------------------------------------------- config
+
+def test_resume_point_keeps_only_the_checkpoints_its_state_names(tmp_path):
+    from train.checkpoints import save_resume_point
+
+    for name in ("epoch-head-1", "epoch-head-2", "epoch-head-10", "best-head-1", "best-head-2"):
+        for suffix in (".index", ".data-00000-of-00001"):
+            (tmp_path / (name + suffix)).write_bytes(b"checkpoint")
+    state = {"checkpoint": "epoch-head-2", "best": {"checkpoint": "best-head-1"}}
+    save_resume_point(tmp_path / "state.json", state, keep={"epoch-head-2", "best-head-1", None})
+    assert json.loads((tmp_path / "state.json").read_text()) == state
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best-head-1.data-00000-of-00001", "best-head-1.index",
+        "epoch-head-2.data-00000-of-00001", "epoch-head-2.index", "state.json"]
+
 
 def test_config_layers_merge_deeply_in_order(tmp_path):
     user = tmp_path / "mine.json"

@@ -9,7 +9,6 @@ Writes audit.json, audit.md and intensity.png into --out.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shlex
 import time
@@ -20,13 +19,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from edge_runtime.atomic import atomic_path, write_json, write_text
-from edge_runtime.console import add_output_flags, print_json, progress, say
+from edge_runtime.atomic import write_json, write_text
+from edge_runtime.console import add_output_flags, print_json, printable, progress, say
 from edge_runtime.errors import EXIT_OK, ImageError
+from edge_runtime.hashing import bytes_sha256, file_sha256
 from edge_runtime.preprocess import open_image
 from train.datasets import Dataset, add_dataset_arguments, dataset_from_args
 from train.duplicates import components, equal_value_pairs, near_duplicate_pairs
-from train.manifest import file_sha256
+from train.plots import pyplot, save_png
 
 AUDIT_FORMAT = "oncolite-audit/1"
 HASH_NAME = "phash"
@@ -72,7 +72,7 @@ def inspect_image(path: str, hash_size: int = 8) -> ImageFacts:
         return ImageFacts(False, f"not an image file or unsupported format ({type(e).__name__})")
     pixels = np.asarray(rgb)
     gray = np.asarray(rgb.convert("L"))
-    pixel_sha = hashlib.sha256(f"{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
+    pixel_sha = bytes_sha256(f"{pixels.shape}".encode() + pixels.tobytes())
     phash = imagehash.phash(rgb, hash_size=hash_size).hash.reshape(-1)
     return ImageFacts(True, "", sha, pixel_sha, phash, fmt, mode, _BITS_PER_MODE.get(mode, 8),
                       rgb.width, rgb.height, float(gray.mean()), float(gray.std()),
@@ -258,13 +258,8 @@ def _top(counts: dict, k: int = 5) -> str:
 
 
 def plot_intensity(audit: Audit, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records, facts = audit.dataset.records, audit.facts
-    fig, (hist_ax, box_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (hist_ax, box_ax) = pyplot().subplots(1, 2, figsize=(11, 4))
     for label, counts in audit.histograms.items():
         if counts.sum():
             hist_ax.plot(np.arange(256), counts / counts.sum(), label=label)
@@ -275,16 +270,15 @@ def plot_intensity(audit: Audit, path) -> None:
     box_ax.boxplot(means, tick_labels=labels)
     box_ax.set(title="mean intensity per image", ylabel="mean intensity")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_audit(audit: Audit, out_dir, command: str = "") -> dict:
     rep = report(audit, command)
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "audit.json"), rep)
-    write_text(os.path.join(out_dir, "audit.md"), markdown(rep))
+    # audit.json keeps non-UTF-8 names round-trippable (JSON escapes); the Markdown shows them as \\xNN.
+    write_text(os.path.join(out_dir, "audit.md"), printable(markdown(rep)))
     plot_intensity(audit, os.path.join(out_dir, "intensity.png"))
     return rep
 

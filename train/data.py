@@ -9,6 +9,10 @@ jitter maps back to [0, 1] pixels first, where brightness and saturation mean wh
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+
 import numpy as np
 
 import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
@@ -17,7 +21,7 @@ import tf_keras as keras
 from sklearn.utils.class_weight import compute_class_weight
 
 from edge_runtime.console import progress
-from edge_runtime.errors import ManifestError
+from edge_runtime.errors import ImageError, ManifestError
 from edge_runtime.preprocess import Preprocessing, preprocess
 
 # Below this many pixels (images x height x width) the preprocessed set is cached in memory:
@@ -72,7 +76,8 @@ def make_dataset(items: list[dict], labels: list[str], prep: Preprocessing, batc
     if not items:
         raise ManifestError("no images on this side of the manifest; check the split")
     y = label_indices(items, labels)
-    paths = [str(item["path"]) for item in items]
+    # Bytes, not str: a file name that is not UTF-8 (surrogate escapes) cannot become a tf.string otherwise.
+    paths = [os.fsencode(item["path"]) for item in items]
     ds = tf.data.Dataset.from_tensor_slices((paths, y))
     ds = ds.map(_preprocess_fn(prep), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if should_cache(len(items), prep, cache):
@@ -89,7 +94,7 @@ def make_dataset(items: list[dict], labels: list[str], prep: Preprocessing, batc
 
 def _preprocess_fn(prep: Preprocessing):
     def load(path):
-        return preprocess(path.decode() if isinstance(path, bytes) else str(path), prep)
+        return preprocess(os.fsdecode(path), prep)
 
     def fn(path, label):
         image = tf.numpy_function(load, [path], tf.float32, stateful=False)
@@ -97,6 +102,27 @@ def _preprocess_fn(prep: Preprocessing):
         return image, label
 
     return fn
+
+
+@contextlib.contextmanager
+def image_errors():
+    """Around fit/predict/iteration of a dataset from make_dataset: a file that cannot be decoded
+    comes out as its one-line ImageError instead of a TensorFlow UnknownError with a traceback.
+
+    The ImageError is raised inside tf.numpy_function, where TensorFlow turns it into an OpError
+    whose message embeds "ImageError: <file>: <reason>"; checking every file up front instead
+    would decode a large dataset twice.
+    """
+    try:
+        yield
+    except tf.errors.OpError as e:
+        found = _IMAGE_ERROR.search(e.message or "")
+        if found is None:
+            raise
+        raise ImageError(found.group(1).strip()) from None
+
+
+_IMAGE_ERROR = re.compile(r"\bImageError: ([^\n]+)")
 
 
 def _oversampled(ds: tf.data.Dataset, y: np.ndarray, n_classes: int, seed: int) -> tf.data.Dataset:

@@ -19,6 +19,7 @@ do not fit the layout are listed in `Dataset.skipped` with the reason, never fat
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import re
 from dataclasses import dataclass, field
@@ -160,9 +161,15 @@ def walk_folders(root: Path, skipped: list[Skipped]):
                 for entry in entries:
                     if entry.name.startswith("."):
                         continue
-                    if entry.is_dir():
+                    try:
+                        is_dir, is_file = entry.is_dir(), entry.is_file()
+                    except OSError as e:  # a self-looping symlink: ELOOP on stat; the folder's other files stay
+                        reason = "symlink loop" if e.errno == errno.ELOOP else f"cannot read ({e.strerror or e})"
+                        skipped.append(Skipped(entry.path, f"{reason}; fix or remove it"))
+                        continue
+                    if is_dir:
                         subdirs.append(entry.name)
-                    elif entry.is_file():
+                    elif is_file:
                         files.append(entry.name)
                     else:
                         skipped.append(Skipped(entry.path, "broken symlink or special file"))

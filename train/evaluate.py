@@ -21,8 +21,10 @@ import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from edge_runtime.atomic import atomic_path, write_json, write_text
 from edge_runtime.console import add_output_flags, print_json, progress, say
 from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
+from edge_runtime.hashing import file_sha256
 from edge_runtime.preprocess import Preprocessing, open_image
 from train import metrics
+from train.plots import draw_confusion, pyplot, save_png
 
 FORMAT = "oncolite-eval/1"
 CONTACT_SHEET_SIZE = 16  # the most confident mistakes shown as thumbnails
@@ -126,7 +128,7 @@ def evaluate(model_arg, manifest_path=None, *, side: str = "test", fold=None, ou
              target_sensitivity=None, positive=None, bootstrap: int = 1000, batch_size: int = 32,
              quiet: bool = False) -> dict:
     """Run the model on one side of the manifest, write the report into `out`, return it."""
-    from train.manifest import file_sha256, load_manifest
+    from train.manifest import load_manifest
 
     model_path, run_dir, default_out = resolve_model(model_arg, fold)
     out = Path(out) if out else default_out
@@ -358,42 +360,21 @@ def _cell(entry) -> str:
 
 # --- pictures -----------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> str:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    return path.name
-
-
 def plot_confusion(cm: dict, labels, out: Path) -> list[str]:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(4 + 2 * len(labels), 2 + len(labels)), layout="constrained")
     for ax, key, fmt in zip(axes, ("counts", "normalized"), ("{:d}", "{:.2f}")):
-        matrix = np.asarray(cm[key])
-        ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1 if key == "normalized" else max(matrix.max(), 1))
-        ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
-               xlabel="predicted", ylabel="true", title=key)
-        high = matrix.max() / 2 if matrix.max() else 0.5
-        for (i, j), v in np.ndenumerate(matrix):
-            ax.text(j, i, fmt.format(int(v) if key == "counts" else v), ha="center", va="center",
-                    color="white" if v > high else "black")
-    return [_save(fig, out / "confusion_matrix.png")]
+        matrix = np.asarray(cm[key], dtype=int if key == "counts" else float)
+        draw_confusion(ax, matrix, labels, fmt, vmax=1 if key == "normalized" else None)
+        ax.set(xlabel="predicted", ylabel="true", title=key)
+    return [save_png(fig, out / "confusion_matrix.png", dpi=110, tight=True)]
 
 
 def plot_curves(y, probs, labels, out: Path) -> list[str]:
     """ROC and precision-recall curves, one line per class (one-vs-rest)."""
     from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
-    plt = _pyplot()
+    plt = pyplot()
     roc_fig, roc_ax = plt.subplots(figsize=(5, 5))
     pr_fig, pr_ax = plt.subplots(figsize=(5, 5))
     for k, label in enumerate(labels):
@@ -409,7 +390,7 @@ def plot_curves(y, probs, labels, out: Path) -> list[str]:
     pr_ax.set(xlabel="recall", ylabel="precision", title="Precision-recall (one-vs-rest)", ylim=(0, 1.02))
     roc_ax.legend(loc="lower right", fontsize=8)
     pr_ax.legend(loc="lower left", fontsize=8)
-    return [_save(roc_fig, out / "roc.png"), _save(pr_fig, out / "pr.png")]
+    return [save_png(roc_fig, out / "roc.png", dpi=110, tight=True), save_png(pr_fig, out / "pr.png", dpi=110, tight=True)]
 
 
 def plot_history(history_csv: Path, path: Path) -> str:

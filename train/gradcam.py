@@ -18,11 +18,12 @@ import tensorflow as tf
 import tf_keras as keras
 from PIL import Image
 
-from edge_runtime.atomic import atomic_path
 from edge_runtime.console import add_output_flags, print_json, say
-from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
+from edge_runtime.errors import EXIT_OK, OncoliteError
 from edge_runtime.preprocess import normalize, open_image, resize
 from train.config import load_config, preprocessing
+from train.model import load_float_model
+from train.plots import pyplot, save_png
 
 DEFAULT_LAYER = "out_relu"  # MobileNetV2's last convolutional activation
 
@@ -60,12 +61,6 @@ def main(args) -> int:
     return EXIT_OK
 
 
-def load_float_model(path: Path) -> keras.Model:
-    if not path.exists():
-        raise ModelError(f"{path}: no float model; train one with `oncolite train --run {path.parent.parent}`")
-    return keras.models.load_model(path, compile=False, safe_mode=True)
-
-
 def run_labels(run: Path) -> list[str]:
     path = run / "manifest.json"
     if not path.exists():
@@ -97,12 +92,8 @@ def gradcam(model: keras.Model, image: np.ndarray, class_index: int, layer: str 
 
 def write_overlay(path: Path, pixels: np.ndarray, heatmap: np.ndarray, title: str, alpha: float = 0.45) -> None:
     """The image, the heatmap in matplotlib's jet colormap blended over it, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colored = (matplotlib.colormaps["jet"](heatmap)[..., :3] * 255).astype(np.float32)
+    plt = pyplot()
+    colored = (plt.colormaps["jet"](heatmap)[..., :3] * 255).astype(np.float32)
     blend = (pixels.astype(np.float32) * (1 - alpha) + colored * alpha).clip(0, 255).astype(np.uint8)
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
     for ax, im, name in zip(axes, (pixels, blend), ("input (as the model sees it)", "Grad-CAM")):
@@ -111,6 +102,4 @@ def write_overlay(path: Path, pixels: np.ndarray, heatmap: np.ndarray, title: st
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)

@@ -8,7 +8,6 @@ outside `labels`, or a group (duplicate group or patient) on two sides of any fo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from edge_runtime.atomic import write_json
 from edge_runtime.console import progress
 from edge_runtime.errors import ManifestError, OncoliteError
+from edge_runtime.hashing import bytes_sha256, file_sha256
 
 MANIFEST_FORMAT = "oncolite-manifest/1"
 SIDES = ("train", "val", "test")
@@ -53,22 +53,13 @@ class Manifest:
         return out
 
 
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, streamed in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(manifest: dict, path) -> str:
     """Write atomically with `root` made relative to the manifest's folder; returns the file's sha256."""
     path = Path(path).resolve()
     root = Path(manifest["root"]).resolve()
     manifest = {**manifest, "root": Path(os.path.relpath(root, path.parent)).as_posix()}
     write_json(path, manifest)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def load_manifest(path, verify: bool = True, check_hashes: bool = True, quiet: bool = True) -> Manifest:
@@ -99,7 +90,7 @@ def _read_json(path: Path) -> Manifest:
             raise ManifestError(f"{path}: no {key!r} in the manifest; rebuild it with `oncolite split`")
     root = (path.parent / obj["root"]).resolve()
     meta = {k: v for k, v in obj.items() if k != "items"}
-    return Manifest(path, root, list(obj["labels"]), obj["items"], meta, hashlib.sha256(data).hexdigest())
+    return Manifest(path, root, list(obj["labels"]), obj["items"], meta, bytes_sha256(data))
 
 
 def verify_manifest(manifest: Manifest, check_hashes: bool = True, quiet: bool = True) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tf_keras as keras
 
+from edge_runtime.errors import ModelError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_WEIGHTS = REPO_ROOT / "pretrained" / "mobilenet_v2_1.0_224_imagenet_no_top.h5"
 
@@ -61,6 +63,14 @@ def build_classifier(num_classes: int, height: int = 224, width: int = 224, alph
     # float32 output even under mixed precision: softmax in float16 loses small probabilities.
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(base.input, outputs, name=f"mobilenetv2_{head}")
+
+
+def load_float_model(path) -> keras.Model:
+    """A run's models/float.keras, loaded in Keras' safe mode (no arbitrary code from the file)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no float model; train one with `oncolite train --run {path.parent.parent}`")
+    return keras.models.load_model(path, compile=False, safe_mode=True)
 
 
 def head_layers(model: keras.Model) -> list:

@@ -28,11 +28,8 @@ import io
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +43,12 @@ from edge_runtime.atomic import atomic_path, write_json, write_text
 from edge_runtime.console import add_output_flags, print_json, say
 from edge_runtime.errors import EXIT_OK, ManifestError, OncoliteError
 from train import model as model_lib
+from train.checkpoints import save_resume_point
 from train.config import PROVENANCE_KEY, available, load_config, parse_overrides, preprocessing
-from train.data import class_weights, label_indices, make_dataset
+from train.data import class_weights, image_errors, label_indices, make_dataset
 from train.manifest import load_manifest, write_manifest
+from train.plots import pyplot, save_png
+from train.provenance import versions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("head", "finetune")
@@ -164,33 +164,6 @@ def copy_manifest(manifest, destination: Path) -> str:
     return write_manifest({**data, "root": str(manifest.root)}, destination)
 
 
-def versions() -> dict:
-    def version(dist):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"python": platform.python_version(), "platform": platform.platform(),
-            **{name: version(dist) for name, dist in (("tensorflow", "tensorflow"), ("tf_keras", "tf-keras"),
-                                                       ("tfmot", "tensorflow-model-optimization"),
-                                                       ("litert", "ai-edge-litert"), ("numpy", "numpy"),
-                                                       ("scikit_learn", "scikit-learn"))},
-            "git_commit": git_commit()}
-
-
-def git_commit() -> str | None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if commit.returncode != 0:
-        return None
-    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 class Log:
     """logs/train.log (appended: a resumed run continues the same log) and, unless quiet, stderr."""
 
@@ -303,14 +276,8 @@ class Trainer:
                 "plateau_factor": 1.0, "history": []}
 
     def save_state(self) -> None:
-        # The checkpoint files are complete before this rename makes them the resume point.
-        write_json(self.state_path, self.state)
-        keep = {self.state["checkpoint"], (self.state["best"] or {}).get("checkpoint")}
-        for old in self.state_dir.glob("*-*.index"):
-            prefix = old.name[: -len(".index")]
-            if prefix not in keep:
-                for f in self.state_dir.glob(prefix + ".*"):
-                    f.unlink(missing_ok=True)
+        save_resume_point(self.state_path, self.state,
+                          keep={self.state["checkpoint"], (self.state["best"] or {}).get("checkpoint")})
 
     # -- model
 
@@ -429,13 +396,8 @@ def write_history(train_dir: Path, history: list[dict]) -> None:
 
 
 def plot_curves(path: Path, history: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     x = np.arange(1, len(history) + 1)
-    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_score) = pyplot().subplots(1, 2, figsize=(10, 4))
     for key, ax in (("loss", ax_loss), ("val_loss", ax_loss), ("accuracy", ax_score),
                     ("val_accuracy", ax_score), ("val_mcc", ax_score)):
         ax.plot(x, [row[key] for row in history], label=key, marker=".")
@@ -449,9 +411,7 @@ def plot_curves(path: Path, history: list[dict]) -> None:
     ax_loss.set_title("loss")
     ax_score.set_title("accuracy and MCC")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def save_float_model(model: keras.Model, path: Path, config: dict, n_classes: int, mixed: bool) -> None:
@@ -481,7 +441,8 @@ def train_run(run_dir: str | Path, manifest, config: dict, provenance: dict, fol
     trainer = Trainer(run_dir, sides, labels, config, trainer_log, quiet)
     if trainer.chief and not trainer.state["history"]:
         start_run_dir(run_dir, manifest, config, {**provenance, "fold": fold})
-    model = trainer.run()
+    with image_errors():
+        model = trainer.run()
     summary = {"monitor": config["monitor"], "best": {k: v for k, v in trainer.state["best"].items() if k != "checkpoint"},
                "epochs": {p: sum(1 for r in trainer.state["history"] if r["phase"] == p) for p in PHASES},
                "head_summary": model_lib.head_summary(model), "fold": fold,
@@ -489,7 +450,9 @@ def train_run(run_dir: str | Path, manifest, config: dict, provenance: dict, fol
     for side in ("val", "test") if evaluate_test else ("val",):
         if sides.get(side):
             ds = make_dataset(sides[side], labels, trainer.prep, config["batch_size"], cache=False)
-            summary[side] = side_metrics(label_indices(sides[side], labels), model.predict(ds, verbose=0))
+            with image_errors():
+                probs = model.predict(ds, verbose=0)
+            summary[side] = side_metrics(label_indices(sides[side], labels), probs)
     if trainer.chief:
         save_float_model(model, run_dir / "models" / "float.keras", config, len(labels), trainer.mixed)
         write_json(run_dir / "train" / "summary.json", summary)
