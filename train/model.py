@@ -65,6 +65,40 @@ def build_classifier(num_classes: int, height: int = 224, width: int = 224, alph
     return keras.Model(base.input, outputs, name=f"mobilenetv2_{head}")
 
 
+def snap_to_int8_grid(model: keras.Model, layer_names) -> list[str]:
+    """Put the BatchNorm-folded kernels of the named conv layers exactly on their int8 grid.
+
+    The TFLite converter folds each BatchNormalization into the conv before it and rounds the
+    kernel to int8 per output channel (scale = max |w| / 127). On BUSI, that rounding in the
+    first two layers (Conv1, expanded_conv_depthwise) alone caused most of the int8-vs-float
+    flips (docs/INT8.md). These layers stay frozen during fine-tuning, so snapping them once
+    before training gives a float model whose int8 conversion rounds them without error.
+    Returns the names of the layers snapped.
+    """
+    import numpy as np
+
+    layers, snapped = model.layers, []
+    for i, layer in enumerate(layers[:-1]):
+        bn = layers[i + 1]
+        if layer.name not in layer_names or not isinstance(bn, keras.layers.BatchNormalization):
+            continue
+        gamma, _, _, variance = bn.get_weights()
+        scale = gamma / np.sqrt(variance + bn.epsilon)
+        # Keras kernels: Conv2D (h, w, in, out), DepthwiseConv2D (h, w, in, multiplier).
+        depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+        shape, reduce = ((1, 1, -1, 1), (0, 1, 3)) if depthwise else ((1, 1, 1, -1), (0, 1, 2))
+        kernel, *rest = layer.get_weights()
+        folded = kernel * scale.reshape(shape)
+        step = np.abs(folded).max(axis=reduce, keepdims=True) / 127
+        step = np.where(step == 0, 1, step)
+        layer.set_weights([(np.round(folded / step) * step / scale.reshape(shape)).astype(kernel.dtype), *rest])
+        snapped.append(layer.name)
+    missing = set(layer_names) - set(snapped)
+    if missing:
+        raise ValueError(f"int8_grid_layers: no conv layer followed by BatchNormalization named {sorted(missing)}")
+    return snapped
+
+
 def load_float_model(path) -> keras.Model:
     """A run's models/float.keras, loaded in Keras' safe mode (no arbitrary code from the file)."""
     path = Path(path)

@@ -285,8 +285,11 @@ class Trainer:
         keras.mixed_precision.set_global_policy("mixed_float16" if self.mixed else "float32")
         c = self.config
         with self.strategy.scope():
-            return model_lib.build_classifier(len(self.labels), c["input_size"], c["input_size"], c["alpha"],
-                                              c["head"], c["dropout"], c["dense_units"], c["weights"])
+            model = model_lib.build_classifier(len(self.labels), c["input_size"], c["input_size"], c["alpha"],
+                                               c["head"], c["dropout"], c["dense_units"], c["weights"])
+        if c["int8_grid_layers"] and c["weights"] is not None:
+            model_lib.snap_to_int8_grid(model, c["int8_grid_layers"])
+        return model
 
     def compile(self, model: keras.Model, phase: str) -> None:
         model_lib.set_trainable_depth(model, 0 if phase == "head" else self.config["finetune_depth"],
