@@ -75,7 +75,7 @@ def test_idc_positions_and_malformed_names(tmp_path):
     save(tmp_path / "10253" / "1" / "garbage.png", noise(6, 50))
     ds = load_dataset(tmp_path)
     assert ds.layout == "idc"
-    assert ds.labels == ["idc", "non_idc"]
+    assert ds.labels == ["non_idc", "idc"]  # class<0|1> order, not alphabetical
     got = {(r.group, r.meta["x"], r.meta["y"], ["non_idc", "idc"].index(r.label)) for r in ds.records}
     assert got == set(planted)
     assert len(ds.skipped) == 2

@@ -250,6 +250,8 @@ def test_idc_patient_tree_splits_by_patient_and_gets_a_slide_map(tmp_path):
              cwd=tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["dataset"]["layout"] == "idc"
+    # model output order follows the file names' class<0|1>, so "idc" is the positive class
+    assert manifest["labels"] == ["non_idc", "idc"]
     assert len(manifest["items"]) == len(planted)
     for fold, sides in enumerate(sides_per_group(manifest, lambda path: parse_idc_name(path)[0])):
         assert set(sides) == set(IDC_PATIENTS)

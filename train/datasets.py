@@ -124,7 +124,15 @@ def _finish(root: Path, layout: str, records, skipped, masks) -> Dataset:
                            f"check the folder, or force a layout ({', '.join(LAYOUTS)})")
     records.sort(key=lambda r: r.path)
     skipped.sort(key=lambda s: s.path)
-    return Dataset(root, layout, sorted({r.label for r in records}), records, skipped, sorted(masks))
+    return Dataset(root, layout, label_order(layout, {r.label for r in records}), records, skipped, sorted(masks))
+
+
+def label_order(layout: str, labels: set[str]) -> list[str]:
+    """Model output order. Sorted, except IDC: its file names' class<0|1> fix ("non_idc", "idc"),
+    which also makes "idc" the positive class of binary metrics and thresholds."""
+    if layout == "idc":
+        return [label for label in IDC_LABELS if label in labels]
+    return sorted(labels)
 
 
 def _magnifications(value) -> tuple[int, ...] | None:
