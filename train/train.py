@@ -340,7 +340,7 @@ class Trainer:
             if self.state["best"]:
                 self.restore(model, self.state["best"]["checkpoint"], with_optimizer=False)
             following = PHASES[PHASES.index(phase) + 1] if phase != PHASES[-1] else "done"
-            self.state.update(phase=following, epoch=0, checkpoint=None, wait=0, plateau_factor=1.0)
+            self.state.update(phase=following, epoch=0, checkpoint=None, wait=0, phase_best=None, plateau_factor=1.0)
             self.save_state()
         if self.state["phase"] == "done" and self.state["best"]:
             self.restore(model, self.state["best"]["checkpoint"], with_optimizer=False)
@@ -363,6 +363,10 @@ class Trainer:
                 name = f"best-{phase}-{epoch + 1}"
                 self.state["best"] = {"value": row[monitor], "val_loss": row["val_loss"], "phase": phase, "epoch": epoch + 1,
                                       "checkpoint": self.write_checkpoint(model, name, with_optimizer=False)}
+            # Patience counts from this phase's own best: fine-tuning starts below the head's best
+            # (newly unfrozen layers disturb the features) and must get `patience` epochs to recover.
+            if improved(monitor, row, self.state.get("phase_best")):
+                self.state["phase_best"] = {"value": row[monitor], "val_loss": row["val_loss"]}
                 self.state["wait"] = 0
             else:
                 self.state["wait"] += 1
