@@ -64,16 +64,12 @@ def main(args) -> int:
     report, probs, y = run_benchmark(run_dir, manifest_path=args.manifest, side=args.side,
                                      threads=parse_threads(args.threads), runs=args.runs, warmup=args.warmup,
                                      bootstrap=args.bootstrap, targets=args.target,
-                                     quiet=args.quiet or args.json, command=_command_line())
+                                     quiet=args.quiet or args.json, command=args.command_line)
     from benchmarks.report import write_report
 
     md = write_report(run_dir / "benchmark", report, probs, y)
     print_json(report) if args.json else say(args, md, f"report: {run_dir / 'benchmark' / 'report.md'}")
     return EXIT_SOME_FAILED if report["failures"] else EXIT_OK
-
-
-def _command_line() -> str:
-    return "oncolite benchmark " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "oncolite benchmark"
 
 
 def parse_threads(text: str) -> list[int]:

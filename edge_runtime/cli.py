@@ -38,6 +38,8 @@ def dispatch(prog: str, commands: dict, argv=None) -> int:
     parser = argparse.ArgumentParser(prog=f"{prog} {name}", description=commands[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    # Reports record the command that made them; with `oncolite run` that is not sys.argv.
+    args.command_line = " ".join([prog, name, *argv[1:]])
     try:
         return int(module.main(args) or 0)
     except OncoliteError as e:

@@ -98,7 +98,7 @@ def main(args) -> int:
     summary["profile"] = profile
     summary["seconds"] = round(time.monotonic() - started, 1)
     write_json(run / "report.json", summary)
-    write_text(run / "report.md", summary_markdown(summary, command=" ".join(["oncolite", "run", *sys.argv[2:]])))
+    write_text(run / "report.md", summary_markdown(summary, command=args.command_line))
     if args.publish:
         publish(run, fold_dirs[0], args.publish)
     if args.json:
@@ -150,7 +150,7 @@ def summary_markdown(summary: dict, command: str | None = None) -> str:
 
 
 def publish(run: Path, fold_dir: Path, name: str) -> None:
-    """Ship the fold-0 models and the reports inside the repo (models/NAME, reports/NAME)."""
+    """Ship the fold-0 models and every report inside the repo (models/NAME, reports/NAME)."""
     models, reports = REPO_ROOT / "models" / name, REPO_ROOT / "reports" / name
     for variant in ("int8_qat", "fp32"):
         for suffix in (".tflite", ".json"):
@@ -159,6 +159,12 @@ def publish(run: Path, fold_dir: Path, name: str) -> None:
     _copy(fold_dir / "benchmark" / "report.md", reports / "benchmark.md")
     for png in (fold_dir / "benchmark").glob("*.png"):
         _copy(png, reports / "benchmark" / png.name)
+    for subdir in ("eval", "train"):  # evaluation report and plots; training history and curves
+        for f in (fold_dir / subdir).rglob("*"):
+            if f.suffix in (".png", ".md", ".json", ".csv") and not {"state", "tune"} & set(f.parts):
+                _copy(f, reports / subdir / f.relative_to(fold_dir / subdir))
+    for f in ("export_report.md", "export_report.json", "qat_report.json"):
+        _copy(fold_dir / "models" / f, reports / "export" / f)
     for f in (run / "audit").glob("*"):
         _copy(f, reports / "audit" / f.name)
     _copy(run / "manifest.json", reports / "manifest.json")
