@@ -142,7 +142,8 @@ def run_benchmark(run_dir, manifest_path=None, side="test", threads=(1, 2, 4), r
     models = find_models(run_dir)
     manifest_path = Path(manifest_path or run_dir / "manifest.json")
     manifest = load_manifest(manifest_path)
-    sides = manifest.sides()
+    fold = run_fold(run_dir)
+    sides = manifest.sides(fold=fold)
     items = sides[side]
     if not items:
         raise OncoliteError(f"{manifest_path}: no {side} images; split with a {side} side or pick --side")
@@ -173,7 +174,8 @@ def run_benchmark(run_dir, manifest_path=None, side="test", threads=(1, 2, 4), r
         "command": command,
         "run": str(run_dir),
         "labels": labels,
-        "split": split_facts(manifest, manifest_path, side, len(items)),
+        "split": {**split_facts(manifest, manifest_path, side, len(items)),
+                  **({"test_fold": fold} if fold is not None else {})},
         "machine": machine_facts(),
         "git": git_state(),
         "settings": {"threads": list(threads), "runs": runs, "warmup": warmup, "bootstrap": bootstrap,
@@ -325,6 +327,15 @@ def time_keras(model: Path, images: list, prep, threads: list, runs: int, warmup
     # One number like the edge variants': the largest process.
     out["peak_rss_mb"] = max(out["peak_rss_mb"].values())
     return out
+
+
+def run_fold(run_dir: Path):
+    """The CV fold a run directory trained on (recorded by `oncolite train`), or None."""
+    from train.train import read_run_config
+
+    if not (Path(run_dir) / "config.json").exists():
+        return None
+    return read_run_config(Path(run_dir))[1].get("fold")
 
 
 def split_facts(manifest, manifest_path: Path, side: str, n: int) -> dict:

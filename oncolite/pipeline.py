@@ -20,7 +20,7 @@ from edge_runtime.errors import EXIT_OK, OncoliteError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data" / "busi"
-STAGES = ("audit", "split", "train", "quantize", "export", "benchmark", "report")
+STAGES = ("audit", "split", "train", "evaluate", "quantize", "export", "benchmark", "report")
 # The headline numbers of the summary table and of the shipped README table.
 # Folds after the first export and time only what the float-vs-int8 question needs: the
 # comparison variants (fp16, dynamic) and the latency figures come from fold 0.
@@ -40,6 +40,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--folds", type=int, help="CV folds to train and benchmark (default: the profile's)")
     parser.add_argument("--random", action="store_true", help="naive random split (to show what leakage does)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting of the run's config (repeatable; see `oncolite train --help`)")
     parser.add_argument("--publish", metavar="NAME",
                         help="copy the fold-0 int8 QAT and fp32 models to models/NAME/ and the reports to reports/NAME/")
     add_output_flags(parser)
@@ -54,17 +56,20 @@ def main(args) -> int:
     if not data.exists():
         raise OncoliteError(f"{data}: no such dataset; pass a dataset folder or CSV (default: {DEFAULT_DATA})")
     dataset = args.dataset or _dataset_name(data)
-    run = Path(args.run or REPO_ROOT / "runs" / f"{dataset}-{profile}{'-random' if args.random else ''}")
+    run = Path(args.run or REPO_ROOT / "runs" / f"{dataset or data.name}-{profile}{'-random' if args.random else ''}")
     run.mkdir(parents=True, exist_ok=True)
     folds = args.folds or _profile_folds(dataset, profile)
+    fold_dirs = [run] if folds == 1 else [run / "folds" / str(i) for i in range(folds)]
     state = _load_state(run)
     if args.from_stage:
-        state = {k: v for k, v in state.items() if STAGES.index(k.split("/")[-1]) < STAGES.index(args.from_stage)}
+        redo = STAGES[STAGES.index(args.from_stage):]
+        state = {k: v for k, v in state.items() if k.split("/")[-1] not in redo}
         _save_state(run, state)
+        for fold_dir in fold_dirs:
+            forget(fold_dir, redo)
 
     quiet = ["--quiet"] if args.quiet or args.json else []
     manifest = run / "manifest.json"
-    fold_dirs = [run] if folds == 1 else [run / "folds" / str(i) for i in range(folds)]
     plan = [("audit", ["audit", str(data), "--out", str(run / "audit")]),
             ("split", ["split", str(data), "--out", str(manifest), "--folds", str(max(folds, 5)),
                        "--seed", str(args.seed), *(["--random"] if args.random else [])])]
@@ -73,7 +78,9 @@ def main(args) -> int:
         resume = ["--resume", str(fold_dir)] if (fold_dir / "train" / "state").exists() else []
         qat_resume = ["--resume"] if (fold_dir / "models" / "qat_state" / "state.json").exists() else []
         plan += [(f"{prefix}train", ["train", "--manifest", str(manifest), "--run", str(fold_dir),
-                                     "--profile", profile, "--dataset", dataset, "--fold", str(i), *resume]),
+                                     "--profile", profile, *(["--dataset", dataset] if dataset else []), "--fold", str(i), *resume,
+                                     *(f"--set={pair}" for pair in args.set)]),
+                 (f"{prefix}evaluate", ["evaluate", str(fold_dir)]),
                  (f"{prefix}quantize", ["quantize", str(fold_dir), *qat_resume]),
                  (f"{prefix}export", ["export", str(fold_dir), *([] if i == 0 else ["--variants", CV_VARIANTS])]),
                  (f"{prefix}benchmark", ["benchmark", str(fold_dir),
@@ -107,6 +114,18 @@ def main(args) -> int:
         print(summary_markdown(summary))
         print(f"run directory: {run}")
     return EXIT_OK
+
+
+def forget(fold_dir: Path, stages) -> None:
+    """What a redone stage must neither resume from nor find up to date."""
+    if "train" in stages:
+        shutil.rmtree(fold_dir / "train" / "state", ignore_errors=True)
+    if "quantize" in stages:
+        shutil.rmtree(fold_dir / "models" / "qat_state", ignore_errors=True)
+    if "export" in stages:
+        for sidecar in (fold_dir / "models").glob("*.json"):
+            if (fold_dir / "models" / f"{sidecar.stem}.tflite").exists():
+                sidecar.unlink()
 
 
 def summarize(run: Path, fold_dirs: list[Path]) -> dict:
@@ -187,11 +206,16 @@ def _has_gpu() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def _dataset_name(data: Path) -> str:
+def _dataset_name(data: Path) -> str | None:
+    """The configs/datasets/<name>.json that fits the data, if one does."""
+    from train.config import available
     from train.datasets import detect_layout
 
     layout = detect_layout(data)
-    return "busi" if layout in ("busi", "folders") and "busi" in data.name.lower() else layout
+    name = {"breakhis-folds": "breakhis"}.get(layout, layout)
+    if layout in ("busi", "folders") and "busi" in data.name.lower():
+        name = "busi"
+    return name if name in available("datasets") else None
 
 
 def _profile_folds(dataset: str, profile: str) -> int:

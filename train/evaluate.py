@@ -138,6 +138,10 @@ def evaluate(model_arg, manifest_path=None, *, side: str = "test", fold=None, ou
         manifest_path = run_dir / "manifest.json"
     manifest = load_manifest(manifest_path, quiet=quiet)
     labels = list(manifest.labels)
+    if fold is None and run_dir is not None and (run_dir / "config.json").exists():
+        from train.train import read_run_config
+
+        fold = read_run_config(run_dir)[1].get("fold")  # a CV fold's run: its own test side
     sides = manifest.sides(fold=fold)
     items = sides[side]
     if not items:

@@ -1,0 +1,62 @@
+"""`oncolite run` end to end on a tiny class-folder dataset: every stage, resume, --from."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["input_size=32", "alpha=0.35", "weights=null", "head_epochs=1", "finetune_epochs=1", "batch_size=8",
+        "qat.epochs=1", "qat.settle_steps=2", "export.calibration_images=8",
+        "benchmark.threads=[1]", "benchmark.runs=2", "benchmark.warmup=1"]
+
+
+def make_dataset(root: Path) -> Path:
+    """Three classes told apart by a bright square's position; 12 distinct images each."""
+    rng = np.random.default_rng(0)
+    for k, label in enumerate(("alpha", "beta", "gamma")):
+        (root / label).mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 60, (40, 40, 3), dtype=np.uint8)
+            pixels[4 + 10 * k: 14 + 10 * k, 4 + i: 14 + i] = 255
+            Image.fromarray(pixels).save(root / label / f"{label}_{i}.png")
+    return root
+
+
+def oncolite(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "oncolite", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=900)
+
+
+@pytest.mark.slow
+def test_run_makes_every_stage_then_skips_and_redoes_from_a_stage(tmp_path):
+    data = make_dataset(tmp_path / "tiny")
+    run = tmp_path / "run"
+    sets = [f"--set={pair}" for pair in TINY]
+    first = oncolite("run", data, "--run", run, "--profile", "quick", "--json", *sets, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads(first.stdout)
+    assert {"keras_float", "tflite_fp32", "tflite_int8_ptq", "tflite_int8_qat"} <= set(summary["variants"])
+    assert summary["split"]["kind"] == "group"
+    stages = json.loads((run / "stages.json").read_text())
+    assert [k for k in stages] == ["audit", "split", "train", "evaluate", "quantize", "export", "benchmark"]
+    for path in ("models/float.keras", "models/int8_qat.tflite", "eval", "benchmark/report.json", "report.md"):
+        assert (run / path).exists(), path
+    assert "oncolite run" in (run / "report.md").read_text()
+
+    float_mtime = (run / "models" / "float.keras").stat().st_mtime_ns
+    sidecar_mtime = (run / "models" / "int8_qat.json").stat().st_mtime_ns
+    again = oncolite("run", data, "--run", run, "--profile", "quick", *sets, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("done before, skipped") == 7
+    assert (run / "models" / "float.keras").stat().st_mtime_ns == float_mtime
+
+    redo = oncolite("run", data, "--run", run, "--profile", "quick", "--from", "export", "--quiet", *sets, cwd=tmp_path)
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    assert (run / "models" / "float.keras").stat().st_mtime_ns == float_mtime  # train was kept
+    assert (run / "models" / "int8_qat.json").stat().st_mtime_ns != sidecar_mtime  # export was redone
