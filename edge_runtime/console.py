@@ -20,9 +20,9 @@ def progress(iterable=None, *, total=None, desc=None, quiet=False, unit="it"):
 
 
 def print_json(obj) -> None:
-    from edge_runtime.atomic import _json_default
+    from edge_runtime.atomic import json_default
 
-    json.dump(obj, sys.stdout, indent=2, default=_json_default)
+    json.dump(obj, sys.stdout, indent=2, default=json_default)
     sys.stdout.write("\n")
 
 

@@ -23,6 +23,7 @@ from flatbuffers import number_types as N
 from flatbuffers.table import Table
 
 from edge_runtime import flatbuf as fb
+from edge_runtime.atomic import json_default
 from edge_runtime.errors import ModelError
 from edge_runtime.preprocess import Preprocessing
 
@@ -74,14 +75,8 @@ def write_metadata(model_bytes: bytes, *, name: str, description: str, labels, p
     extra["preprocessing"] = prep.to_dict()
     metadata = _encode_model_metadata(name, description, prep)
     flat = _with_metadata_buffer(model_bytes, metadata)
-    files = {LABELS_FILE: "\n".join(labels) + "\n", EXTRA_FILE: json.dumps(extra, indent=2, default=_json_default) + "\n"}
+    files = {LABELS_FILE: "\n".join(labels) + "\n", EXTRA_FILE: json.dumps(extra, indent=2, default=json_default) + "\n"}
     return _append_zip(flat, files)
-
-
-def _json_default(obj):
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
 def _encode_model_metadata(name: str, description: str, prep: Preprocessing) -> bytes:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.backends import make_interpreter
+from edge_runtime.backends import BACKENDS, make_interpreter
 from edge_runtime.flatbuf import model_kind
 from edge_runtime.errors import EXIT_OK, ModelError
 from edge_runtime.hashing import bytes_sha256
@@ -332,7 +332,7 @@ def add_arguments(parser) -> None:
     from edge_runtime.console import add_output_flags
 
     parser.add_argument("model", nargs="?", help="a .tflite model (default: the shipped BUSI int8 model)")
-    parser.add_argument("--backend", choices=("ai-edge-litert", "tflite-runtime", "tf.lite"), help="force an interpreter")
+    parser.add_argument("--backend", choices=BACKENDS, help="force an interpreter")
     add_output_flags(parser)
 
 

@@ -12,13 +12,11 @@ import glob
 import os
 import sys
 import time
-from pathlib import Path
 
 from edge_runtime.backends import BACKENDS, RESOLVERS
 from edge_runtime.console import add_output_flags, print_json, printable, progress
 from edge_runtime.errors import EXIT_OK, EXIT_SOME_FAILED, ImageError, OncoliteError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+from edge_runtime.preprocess import is_image_name
 
 
 def add_arguments(parser) -> None:
@@ -86,7 +84,7 @@ def _walk_images(folder: str) -> list[str]:
         dirs.sort()
         # Hidden files are not inputs: an atomic writer's temporaries, macOS's ._ resource forks.
         found += [os.path.join(root, n) for n in sorted(names)
-                  if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+                  if not n.startswith(".") and is_image_name(n)]
     return found
 
 

@@ -24,6 +24,9 @@ from edge_runtime.errors import ImageError
 # 8192x8192 is far above any ultrasound frame or histology tile we expect.
 MAX_PIXELS = 8192 * 8192
 
+# What the one preprocessing treats as an image file when it walks folders (predict, datasets).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
 # MobileNetV2's convention: x / 127.5 - 1 maps [0, 255] to [-1, 1].
 MOBILENET_MEAN = (127.5, 127.5, 127.5)
 MOBILENET_STD = (127.5, 127.5, 127.5)
@@ -56,6 +59,10 @@ class Preprocessing:
     def from_dict(cls, d: dict) -> "Preprocessing":
         keys = {"height", "width", "mean", "std", "resample"}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in keys})
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
 def _three(values) -> tuple[float, float, float]:
@@ -128,9 +135,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB. Transparent pixels go onto black (the background of ultrasound)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
-        # 16-bit and 32-bit grayscale: map the type's full range onto 0..255, not the image's own
-        # min/max, so the same tissue gives the same value in every image.
-        top = 255.0 if im.mode == "F" or arr.max(initial=0) <= 255 else 65535.0
+        # Map the type's full range onto 0..255, not the image's own min/max, so the same tissue
+        # gives the same value in every image: a dark 16-bit frame stays dark. Mode I (32-bit)
+        # does not say its bit depth (decoders put 8- and 16-bit samples in it), so there only
+        # the values can; F is taken as 0..255 floats.
+        if im.mode.startswith("I;16"):
+            top = 65535.0
+        elif im.mode == "I":
+            top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        else:
+            top = 255.0
         arr = np.clip(arr / top * 255.0, 0, 255)
         im = Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
     if im.mode == "P":

@@ -179,8 +179,9 @@ def describe_model(model) -> dict:
 def classify(model, lock: threading.Lock, data: bytes, info: dict) -> dict:
     """One image's answer; runs in a worker thread.
 
-    One image at a time: a LiteRT interpreter is not re-entrant, and a decoded upload can take
-    a few hundred MB, which a handheld-sized server must not multiply by its connections.
+    `lock` bounds memory, not the interpreter (EdgeModel serializes inference itself): it
+    holds one upload's decode and inference at a time, because a decoded upload can take a
+    few hundred MB, which a handheld-sized server must not multiply by its connections.
     """
     with lock:
         start = time.perf_counter()  # the model's time, not the wait for the lock
@@ -205,7 +206,7 @@ def create_app(model, token: str | None = None, max_upload_bytes: int = DEFAULT_
                body_timeout_s: float = BODY_TIMEOUT_S):
     """The ASGI app around `model` (anything with .labels, .prep, .predict_file(bytes), .decide(probs))."""
     info = describe_model(model)
-    lock = threading.Lock()
+    lock = threading.Lock()  # one decode at a time: see classify
     static = load_static()
     token_bytes = token.encode() if token else None
 

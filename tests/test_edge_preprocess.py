@@ -35,3 +35,21 @@ def test_any_size_and_mode_gives_model_input(mode, width, height, out_w, out_h, 
     x = preprocess(encode(mode, pixels), Preprocessing(height=out_h, width=out_w, resample=resample))
     assert x.shape == (out_h, out_w, 3) and x.dtype == np.float32
     assert x.min() >= -1.0 and x.max() <= 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(mode=st.sampled_from(["I;16", "I;16B"]), top=st.sampled_from([255, 4095, 65535]),
+       width=st.integers(1, 24), height=st.integers(1, 24), seed=st.integers(0, 2**16))
+def test_16_bit_images_scale_by_their_bit_depth_not_their_brightest_pixel(mode, top, width, height, seed):
+    # A dark 16-bit frame (every value <= 255) must stay dark, not be read as an 8-bit image.
+    pixels = np.random.default_rng(seed).integers(0, top, (height, width), endpoint=True).astype(np.uint16)
+    order = "<" if mode == "I;16" else ">"
+    im = Image.frombytes(mode, (width, height), pixels.astype(np.dtype(np.uint16).newbyteorder(order)).tobytes())
+    out = io.BytesIO()
+    im.save(out, format="PNG" if mode == "I;16" else "TIFF")
+    assert Image.open(io.BytesIO(out.getvalue())).mode == mode  # decoded as 16-bit, the case under test
+    x = preprocess(out.getvalue(), Preprocessing(height=height, width=width, resample="nearest"))
+    expected = (np.round(pixels / 65535 * 255) - 127.5) / 127.5
+    np.testing.assert_allclose(x, np.repeat(expected[..., None], 3, axis=2), atol=1e-6)
+    if top == 255:
+        assert x.max() <= -1 + 1 / 127.5 + 1e-6  # near black

@@ -135,6 +135,15 @@ def test_shipped_configs_load_and_fit_their_modality():
     assert load_config(profile="full")["folds"] == 5 and load_config(profile="full")["input_size"] == 224
 
 
+def test_a_dataset_keeps_its_own_settings_under_a_profile():
+    # The profile sets the generic budget; the dataset file knows its images and wins over it.
+    assert load_config(dataset="idc", profile="quick")["input_size"] == 96
+    assert load_config(dataset="busi", profile="quick")["input_size"] == 160  # BUSI sets no size: the profile's
+    idc_full = load_config(dataset="idc", profile="full")
+    assert (idc_full["head_epochs"], idc_full["finetune_epochs"], idc_full["cache"]) == (3, 8, False)
+    assert idc_full["folds"] == 5  # what the dataset leaves unset still comes from the profile
+
+
 def test_a_run_config_json_is_a_valid_config_file(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**load_config(profile="quick"), "run": {"manifest_sha256": "abc"}}))
@@ -236,6 +245,57 @@ def test_resume_after_sigkill_finishes_with_the_same_config(tmp_path):
     # A fresh run with another config into the same folder is refused, not mixed in.
     clash = oncolite("train", "--manifest", manifest, "--run", run, "--set", "batch_size=4", *sets[:1], timeout=300)
     assert clash.returncode == 2 and "--resume" in clash.stderr
+
+
+def old_run_config(run: Path) -> dict:
+    """Rewrite `run`/config.json as if written before defaults.json had `oversample` and
+    `augment.color_jitter`; returns what it now holds."""
+    path = run / "config.json"
+    stored = json.loads(path.read_text())
+    del stored["oversample"], stored["augment"]["color_jitter"]
+    path.write_text(json.dumps(stored))
+    return stored
+
+
+def test_an_old_runs_config_is_its_own_not_refused_for_keys_added_since(tmp_path):
+    from train.config import stored_config
+    from train.train import read_run_config, refuse_other_run
+
+    run = tmp_path / "run"
+    (run / "train" / "state").mkdir(parents=True)
+    (run / "train" / "state" / "state.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({**load_config(overrides={"batch_size": 4}), "run": {"fold": None}}))
+    stored = old_run_config(run)
+    config, provenance = read_run_config(run)
+    assert provenance == {"fold": None}
+    assert config["batch_size"] == 4  # the run's own value, not today's default
+    assert config["oversample"] == load_config()["oversample"]  # a key it lacks: today's default, for reading
+    assert config["augment"]["color_jitter"] == load_config()["augment"]["color_jitter"]
+    refuse_other_run(run, config)  # resuming with its own config
+    refuse_other_run(run, load_config(overrides={"batch_size": 4}))  # a fresh run with the same settings
+    with pytest.raises(OncoliteError, match="another config"):
+        refuse_other_run(run, load_config(overrides={"batch_size": 8}))
+    with pytest.raises(OncoliteError, match="another config"):
+        refuse_other_run(run, load_config(overrides={"batch_size": 4, "augment": {"zoom": 0.3}}))
+    # A key today's defaults.json no longer has stays the run's own, not an "unknown key" error.
+    (run / "config.json").write_text(json.dumps({**stored, "retired_setting": 1}))
+    assert stored_config(run / "config.json")["retired_setting"] == 1
+
+
+def test_resume_of_a_run_older_than_todays_defaults_is_not_refused(tmp_path):
+    import argparse
+
+    from train.train import add_arguments, main, train_run
+
+    manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR, counts=(8, 4, 4)))
+    run = tmp_path / "run"
+    train_run(run, manifest, load_config(overrides={**TINY, "head_epochs": 1, "finetune_epochs": 0}),
+              {"manifest": str(manifest.path), "manifest_sha256": manifest.sha256}, quiet=True)
+    stored = old_run_config(run)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert main(parser.parse_args(["--resume", str(run), "--quiet"])) == 0
+    assert settings(run / "config.json") == {k: v for k, v in stored.items() if k != "run"}  # still as stored
 
 
 DISTRIBUTED = r"""

@@ -1,9 +1,14 @@
 """Run configuration: defaults live in configs/*.json, not in code.
 
-Layers, later ones winning (deep merge): configs/defaults.json <- configs/datasets/<dataset>.json
-<- configs/profiles/<profile>.json <- a user's file (--config) <- overrides (--set key=value).
+Layers, later ones winning (deep merge): configs/defaults.json <- configs/profiles/<profile>.json
+<- configs/datasets/<dataset>.json <- a user's file (--config) <- overrides (--set key=value).
+A profile sets the generic budget (size, epochs, folds); a dataset file wins over it because
+it knows its images (IDC's 50 px patches train at 96 px whatever the profile).
 Every key must exist in defaults.json: a typo is an error naming the valid keys, never a
 silently ignored setting. Keys starting with "_" are comments.
+
+A run's own config.json is read with `stored_config`, not `load_config`: it is the truth for
+that run, even after defaults.json has gained or lost keys.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from edge_runtime.errors import OncoliteError
 from edge_runtime.preprocess import Preprocessing
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULTS_PATH = CONFIG_DIR / "defaults.json"
 # A run directory's config.json carries this provenance section beside the settings; it is
 # not a setting, so `--config RUN_DIR/config.json` reproduces a run.
 PROVENANCE_KEY = "run"
@@ -80,14 +86,13 @@ def _named_file(kind: str, name: str) -> Path:
 
 def load_config(dataset: str | None = None, profile: str | None = None, path: str | Path | None = None,
                 overrides: dict | None = None) -> dict:
-    """The resolved config: defaults <- dataset <- profile <- file <- overrides, validated."""
-    defaults_path = CONFIG_DIR / "defaults.json"
-    defaults = read_config_file(defaults_path)
+    """The resolved config: defaults <- profile <- dataset <- file <- overrides, validated."""
+    defaults = read_config_file(DEFAULTS_PATH)
     layers = []
-    if dataset:
-        layers.append((str(_named_file("datasets", dataset)), read_config_file(_named_file("datasets", dataset))))
     if profile:
         layers.append((str(_named_file("profiles", profile)), read_config_file(_named_file("profiles", profile))))
+    if dataset:
+        layers.append((str(_named_file("datasets", dataset)), read_config_file(_named_file("datasets", dataset))))
     if path:
         layers.append((str(path), read_config_file(path)))
     if overrides:
@@ -98,6 +103,27 @@ def load_config(dataset: str | None = None, profile: str | None = None, path: st
         config = deep_merge(config, layer)
     check_values(config)
     return config
+
+
+def stored_config(path: str | Path) -> dict:
+    """A run's config.json: its stored settings over today's defaults.
+
+    The stored settings win and are not validated against today's defaults: the run was
+    started with them. Keys defaults.json gained since only fill what an older run lacks, so
+    code reading a key finds one; compare with `same_settings`, which ignores such keys."""
+    return deep_merge(read_config_file(DEFAULTS_PATH), read_config_file(path))
+
+
+def same_settings(a: dict, b: dict) -> bool:
+    """Equal on every key both hold (sections compared key by key): a key one config lacks
+    was added to (or removed from) defaults.json between the two runs, not chosen differently."""
+    for key in a.keys() & b.keys():
+        if isinstance(a[key], dict) and isinstance(b[key], dict):
+            if not same_settings(a[key], b[key]):
+                return False
+        elif a[key] != b[key]:
+            return False
+    return True
 
 
 def check_values(config: dict) -> None:

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from edge_runtime.errors import OncoliteError
 from edge_runtime.idc import IDC_LABELS, parse_idc_name
+from edge_runtime.preprocess import is_image_name
 
 LAYOUTS = ("folders", "busi", "breakhis", "breakhis-folds", "idc", "csv")
 LABEL_SCHEMES = ("binary", "subtype")
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
 
 # BreakHis tumour types: code in the file name -> (binary label, subtype folder name).
 BREAKHIS_TYPES = {
@@ -186,10 +186,6 @@ def walk_folders(root: Path, skipped: list[Skipped]):
             continue
         yield _Folder(path, parts, sorted(files))
         stack.extend((os.path.join(path, d), parts + (d,)) for d in sorted(subdirs, reverse=True))
-
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _table(root: Path) -> Path | None:

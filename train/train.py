@@ -44,7 +44,8 @@ from edge_runtime.console import add_output_flags, print_json, say
 from edge_runtime.errors import EXIT_OK, ManifestError, OncoliteError
 from train import model as model_lib
 from train.checkpoints import save_resume_point
-from train.config import PROVENANCE_KEY, available, load_config, parse_overrides, preprocessing
+from train.config import (PROVENANCE_KEY, available, load_config, parse_overrides, preprocessing, read_config_file,
+                          same_settings, stored_config)
 from train.data import class_weights, image_errors, label_indices, make_dataset
 from train.manifest import load_manifest, write_manifest
 from train.plots import pyplot, save_png
@@ -125,11 +126,12 @@ def summary_lines(summary: dict) -> list[str]:
 # ---------------------------------------------------------------- run directory
 
 def read_run_config(run_dir: Path) -> tuple[dict, dict]:
+    """The run's own config (as stored, today's defaults only filling keys it lacks) and provenance."""
     path = run_dir / "config.json"
     if not path.exists():
         raise OncoliteError(f"{path}: missing; {run_dir} is not a run directory of `oncolite train`")
     provenance = json.loads(path.read_text(encoding="utf-8")).get(PROVENANCE_KEY, {})
-    return load_config(path=path), provenance
+    return stored_config(path), provenance
 
 
 def check_manifest(manifest, provenance: dict, run_dir: Path) -> None:
@@ -150,8 +152,8 @@ def refuse_other_run(run_dir: Path, config: dict) -> None:
     """A run directory with training state continues only with its own config."""
     config_path = run_dir / "config.json"
     if config_path.exists() and (run_dir / "train" / "state" / "state.json").exists():
-        existing = json.loads(config_path.read_text(encoding="utf-8"))
-        if {k: v for k, v in existing.items() if k != PROVENANCE_KEY} != config:
+        # Only the keys both hold: a run started before defaults.json gained a key lacks it.
+        if not same_settings(read_config_file(config_path), config):
             raise OncoliteError(f"{run_dir}: already holds a run with another config; "
                                 f"continue it with --resume {run_dir} or choose another --run")
 
