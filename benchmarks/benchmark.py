@@ -6,6 +6,11 @@ benchmarks.stats. Cost side: size, load time, latency per thread count and peak 
 variant timed in a process of its own (`python -m edge_runtime bench` for .tflite files,
 `python -m benchmarks.latency` for the Keras model). Devices given with --target run the
 same edge bench remotely. Writes RUN_DIR/benchmark/report.json, report.md and PNG plots.
+
+A run directory of a CV fold (RUN/folds/<i>) is benchmarked on its own fold's test side; a
+binary model with an operating point decides with it (the float model: RUN_DIR/threshold.json,
+each variant: its sidecar's `threshold`). Timing settings default to the run's config
+(`benchmark`: threads, warmup, runs); flags win.
 """
 
 from __future__ import annotations
@@ -24,11 +29,10 @@ from edge_runtime.console import add_output_flags, print_json, progress, say
 from edge_runtime.errors import EXIT_OK, EXIT_SOME_FAILED, OncoliteError
 from edge_runtime.hashing import file_sha256
 
+from benchmarks.pooled import flipped_images, fold_predictions
+from benchmarks.report import BASELINE, FLOAT
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Report order; also the file names under RUN_DIR/models/ (<variant>.tflite).
-TFLITE_VARIANTS = ("fp32", "fp16", "dynamic", "int8_ptq", "int8_qat")
-FLOAT = "keras_float"
-BASELINE = "majority_baseline"
 # report key (issue 8's names) -> train.metrics name
 METRICS = {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy", "f1_macro": "macro_f1",
            "roc_auc_macro": "macro_roc_auc", "pr_auc_macro": "macro_pr_auc", "mcc": "mcc"}
@@ -36,23 +40,42 @@ LATENCY_IMAGES = 10  # distinct images cycled through by the timed runs
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("run_dir", help="run directory with models/float.keras and models/*.tflite")
+    parser.add_argument("run_dir", nargs="*", metavar="RUN_DIR|MODEL.tflite",
+                        help="run directory with models/float.keras and models/*.tflite; or, with --float, any "
+                             "number of .tflite files (ours, Model Maker's, or bare ones with --labels)")
+    parser.add_argument("--float", dest="float_model", metavar="MODEL",
+                        help="your own float model (.keras, .h5 or SavedModel directory): the reference every "
+                             ".tflite file is compared with; images from --data or --manifest")
     parser.add_argument("--manifest", help="manifest with the held-out images (default: RUN_DIR/manifest.json)")
     parser.add_argument("--side", default="test", choices=("test", "val", "train"), help="manifest side to evaluate on")
-    parser.add_argument("--threads", default="1,2,4",
-                        help="thread counts to time, comma-separated, capped at the available cores; 'none' skips timing")
-    parser.add_argument("--runs", type=int, default=100, help="timed runs per variant and thread count")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs before them")
+    parser.add_argument("--threads",
+                        help="thread counts to time, comma-separated, capped at the available cores; 'none' skips "
+                             "timing (default: config benchmark.threads)")
+    parser.add_argument("--runs", type=int, help="timed runs per variant and thread count (default: config benchmark.runs)")
+    parser.add_argument("--warmup", type=int, help="untimed warm-up runs before them (default: config benchmark.warmup)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs")
     parser.add_argument("--target", action="append", default=[], metavar="URL",
                         help="also run on a device: ssh://user@host[:port][?python=PATH] or adb[:serial] (repeatable)")
+    parser.add_argument("--benchmark-model", metavar="PATH",
+                        help="LiteRT's Android benchmark_model binary for adb targets "
+                             "(default: $ONCOLITE_BENCHMARK_MODEL, else tools/benchmark_model)")
     parser.add_argument("--compare", nargs="+", metavar="REPORT",
                         help="merge these report.json files (or run directories) with RUN_DIR's into one table; runs nothing")
+    from quantize.byo import add_model_arguments
+
+    add_model_arguments(parser, "images in class folders, every one evaluated (with --float)", out_suffix="benchmark")
     add_output_flags(parser)
 
 
 def main(args) -> int:
-    run_dir = Path(args.run_dir)
+    if args.float_model or any(str(p).endswith(".tflite") for p in args.run_dir):
+        return main_byo(args)
+    if len(args.run_dir) != 1:
+        raise OncoliteError("give one RUN_DIR, or --float MODEL with .tflite files and --data/--manifest")
+    used = [f for f in ("data", "labels", "size", "mean", "std", "resample", "out") if getattr(args, f, None) is not None]
+    if used:
+        raise OncoliteError(f"--{used[0]}: only with --float MODEL (a bring-your-own model); a run directory has its own")
+    run_dir = Path(args.run_dir[0])
     if args.compare:
         from benchmarks.report import compare_reports, write_comparison
 
@@ -61,15 +84,44 @@ def main(args) -> int:
         md = write_comparison(run_dir / "benchmark", merged)
         print_json(merged) if args.json else say(args, md)
         return EXIT_OK
-    report, probs, y = run_benchmark(run_dir, manifest_path=args.manifest, side=args.side,
-                                     threads=parse_threads(args.threads), runs=args.runs, warmup=args.warmup,
-                                     bootstrap=args.bootstrap, targets=args.target,
-                                     quiet=args.quiet or args.json, command=args.command_line)
     from benchmarks.report import write_report
+    from quantize.rundir import open_run
+
+    run = open_run(run_dir)
+    settings = run.config["benchmark"]
+    threads = parse_threads(args.threads) if args.threads is not None else usable_threads(settings["threads"])
+    report, probs, y = run_benchmark(run, manifest_path=args.manifest, side=args.side, threads=threads,
+                                     runs=settings["runs"] if args.runs is None else args.runs,
+                                     warmup=settings["warmup"] if args.warmup is None else args.warmup,
+                                     bootstrap=args.bootstrap, targets=args.target, benchmark_model=args.benchmark_model,
+                                     quiet=args.quiet or args.json, command=args.command_line)
 
     md = write_report(run_dir / "benchmark", report, probs, y)
-    print_json(report) if args.json else say(args, md, f"report: {run_dir / 'benchmark' / 'report.md'}")
+    print_json(report) if args.json else say(args, md, *timing_lines(report), f"report: {run_dir / 'benchmark' / 'report.md'}")
     return EXIT_SOME_FAILED if report["failures"] else EXIT_OK
+
+
+def timing_lines(report: dict) -> list[str]:
+    """What the report's tables leave out: the CPU's int8 features, the Keras ways of calling,
+    batch-32 throughput and the int8 models' image-to-answer split."""
+    from edge_runtime.bench import cpu_line
+
+    lines = [f"cpu: {report['machine'].get('cpu_model', report['machine'].get('machine'))}: {cpu_line(report['machine'])}"]
+    for name, v in report["variants"].items():
+        for t, modes in (v.get("keras_modes") or {}).items():
+            parts = [f"{m} {r['inference_ms']['p50']:.2f} ms" if "inference_ms" in r else f"{m} failed ({r['error'][:60]})"
+                     for m, r in modes.items()]
+            lines.append(f"{name} @{t}: " + ", ".join(parts) + f"; speed-ups are against {v['keras_mode'][t]}")
+        for t, b in (v.get("batch") or {}).items():
+            if b:
+                lines.append(f"{name} @{t}: batch {b['batch']}: " + (f"{b['images_per_s']:.1f} images/s" if b.get("supported")
+                                                                     else f"not supported ({b.get('reason')})"))
+        for t, st in (v.get("stages_ms") or {}).items():
+            if st:
+                split = ", ".join(f"{k} {st[k]['p50']:.3f}" for k in ("decode_resize", "quantize", "invoke", "read_out") if st.get(k))
+                lines.append(f"{name} @{t}: image to answer p50 {st['image_to_answer']['p50']:.3f} ms ({split}; "
+                             f"x{st['image_to_answer_over_invoke']} of invoke)")
+    return lines
 
 
 def parse_threads(text: str) -> list[int]:
@@ -77,11 +129,18 @@ def parse_threads(text: str) -> list[int]:
     if text.strip().lower() in ("none", "0", ""):
         return []
     try:
-        wanted = sorted({int(t) for t in text.split(",") if t.strip()})
+        wanted = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise OncoliteError(f"--threads {text!r}: give comma-separated integers like 1,2,4, or none") from None
+    return usable_threads(wanted)
+
+
+def usable_threads(wanted) -> list[int]:
+    """The thread counts asked for that this machine can run ([1] if none can); none asked: no timing."""
+    if not wanted:
+        return []
     cores = available_cores()
-    return [t for t in wanted if 0 < t <= cores] or [1]
+    return [t for t in sorted(set(wanted)) if 0 < t <= cores] or [1]
 
 
 def available_cores() -> int:
@@ -102,15 +161,18 @@ def load_report(path) -> dict:
 
 
 def find_models(run_dir: Path) -> dict[str, Path]:
-    """Report name -> model file: the Keras float model first, then the TFLite variants present."""
+    """Report name -> model file: the Keras float model first, then the TFLite variants present
+    (export's variants in its order, then any other .tflite, e.g. int8_ptq_selective)."""
+    from edge_runtime.variants import VARIANTS
+
     models = run_dir / "models"
     keras_path = models / "float.keras"
     if not keras_path.is_file():
         raise OncoliteError(f"{keras_path}: missing; train first (`oncolite train`) or give the right RUN_DIR")
     found = {FLOAT: keras_path}
     # Hidden files are an atomic writer's temporaries (.<stem>.<random>.tmp.tflite), possibly half-written.
-    others = sorted(p for p in models.glob("*.tflite") if p.stem not in TFLITE_VARIANTS and not p.name.startswith("."))
-    for path in [models / f"{v}.tflite" for v in TFLITE_VARIANTS] + others:
+    others = sorted(p for p in models.glob("*.tflite") if p.stem not in VARIANTS and not p.name.startswith("."))
+    for path in [models / f"{v}.tflite" for v in VARIANTS] + others:
         if path.is_file():
             found[f"tflite_{path.stem}"] = path
     if len(found) == 1:
@@ -132,18 +194,17 @@ def model_preprocessing(run_dir: Path):
     raise OncoliteError(f"{run_dir / 'models'}: no <variant>.json sidecar with preprocessing; re-run `oncolite export`")
 
 
-def run_benchmark(run_dir, manifest_path=None, side="test", threads=(1, 2, 4), runs=100, warmup=10,
-                  bootstrap=1000, targets=(), quiet=False, command=None):
-    """Evaluate and time everything; returns (report dict, {name: probs}, y_true)."""
+def run_benchmark(run, manifest_path=None, side="test", threads=(1, 2), runs=50, warmup=5, bootstrap=1000,
+                  targets=(), benchmark_model=None, quiet=False, command=None):
+    """Evaluate and time everything of a run (quantize.rundir.open_run) on its fold's `side`;
+    returns (report dict, {name: probs}, y_true)."""
     from train.manifest import load_manifest
-    from train.provenance import git_state
 
-    run_dir = Path(run_dir)
+    run_dir = run.path
     models = find_models(run_dir)
+    manifest = load_manifest(manifest_path) if manifest_path else run.manifest
     manifest_path = Path(manifest_path or run_dir / "manifest.json")
-    manifest = load_manifest(manifest_path)
-    fold = run_fold(run_dir)
-    sides = manifest.sides(fold=fold)
+    sides = manifest.sides(fold=run.fold)
     items = sides[side]
     if not items:
         raise OncoliteError(f"{manifest_path}: no {side} images; split with a {side} side or pick --side")
@@ -151,83 +212,133 @@ def run_benchmark(run_dir, manifest_path=None, side="test", threads=(1, 2, 4), r
     y = np.array([labels.index(it["label"]) for it in items])
     prep = model_preprocessing(run_dir)
 
-    probs = predict_all(models, items, labels, prep, quiet)
-    probs[BASELINE] = majority_probs(sides["train"] or items, labels, len(items))
-    variants = accuracy_side(y, probs, labels, bootstrap, quiet)
+    probs, rules = predict_all(models, items, labels, prep, run, quiet)
+    bands = {name: stored_band(path) for name, path in models.items()}
+    return build_report(run, models, manifest, manifest_path, side, sides, items, labels, y, prep, probs, rules, bands,
+                        threads=threads, runs=runs, warmup=warmup, bootstrap=bootstrap, targets=targets,
+                        benchmark_model=benchmark_model, quiet=quiet, command=command)
+
+
+def build_report(run, models, manifest, manifest_path, side, sides, items, labels, y, prep, probs, rules, bands, *,
+                 threads, runs, warmup, bootstrap, targets=(), benchmark_model=None, quiet=False, command=None,
+                 edge_args=None):
+    """Everything after the predictions, shared by a run directory and a bring-your-own set:
+    metrics, paired statistics, cost side, timing, devices; returns (report, probs, y)."""
+    from train.metrics import majority_baseline
+    from train.provenance import git_state
+
+    run_dir = run.path
+    variants = accuracy_side(y, probs, rules, bands, labels, bootstrap, quiet)
+    # Without a training side the baseline falls back to the evaluated side's majority.
+    train_y = [labels.index(it["label"]) for it in sides["train"]] if sides["train"] else y
+    baseline = majority_baseline(train_y, y, len(labels), labels=labels, bootstrap=bootstrap)
+    variants[BASELINE] = {**metric_entry(baseline), "majority_class": baseline["majority_class"]}
     add_cost_side(variants, models)
     failures = []
     images = [it["path"] for it in items[:LATENCY_IMAGES]]
     if threads:
-        failures += add_latency(variants, models, images, prep, threads, runs, warmup, quiet)
+        failures += add_latency(variants, models, images, prep, threads, runs, warmup, quiet, edge_args=edge_args)
     devices = {}
     for target in targets:
         from benchmarks.devices import run_target
 
         try:
-            devices[target] = run_target(target, models, images, probs, items, runs=runs, warmup=warmup,
-                                         threads=threads or [1], quiet=quiet)
+            devices[target] = run_target(target, models, images, probs, rules, items, runs=runs, warmup=warmup,
+                                         threads=threads or [1], benchmark_model=benchmark_model, quiet=quiet)
         except OncoliteError as e:
             failures.append({"target": target, "error": str(e)})
+    predictions = fold_predictions(labels, items, y, probs, rules, bands)
     report = {
         "format": "oncolite-benchmark/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "run": str(run_dir),
         "labels": labels,
-        "split": {**split_facts(manifest, manifest_path, side, len(items)),
-                  **({"test_fold": fold} if fold is not None else {})},
+        "split": split_facts(manifest, manifest_path, side, len(items), run.fold),
         "machine": machine_facts(),
         "git": git_state(),
         "settings": {"threads": list(threads), "runs": runs, "warmup": warmup, "bootstrap": bootstrap,
                      "latency_images": len(images), "preprocessing": prep.to_dict()},
         "variants": variants,
+        "predictions": predictions,
+        "flipped": {name: flipped_images([predictions], name) for name in probs if name != FLOAT},
         "devices": devices,
         "failures": failures,
     }
     return report, probs, y
 
 
-def predict_all(models: dict, items: list, labels: list, prep, quiet: bool) -> dict:
-    """N x C probabilities of every model on the same items, all with the variants' preprocessing."""
-    from train.evaluate import predict_items
+def stored_band(path: Path):
+    """The uncertain band export stored beside a variant (None: none, or a Keras model)."""
+    sidecar = path.with_suffix(".json")
+    if path.suffix != ".tflite" or not sidecar.is_file():
+        return None
+    try:
+        return json.loads(sidecar.read_text(encoding="utf-8")).get("uncertain_margin")
+    except json.JSONDecodeError:
+        return None
 
-    probs = {}
+
+def predict_all(models: dict, items: list, labels: list, prep, run, quiet: bool) -> tuple[dict, dict]:
+    """N x C probabilities of every model on the same items, all with the variants' preprocessing,
+    and each model's operating point (None: argmax): the run's threshold.json for the float
+    model, the one stored with each variant for the rest."""
+    from train.evaluate import load_predictor, predict_items
+
+    probs, rules = {}, {}
     for name, path in progress(models.items(), total=len(models), desc="predicting", quiet=quiet, unit="model"):
-        p = np.asarray(predict_items(path, items, prep=prep, quiet=True), dtype=np.float64)
+        predictor = load_predictor(path, run.path)
+        p = np.asarray(predict_items(path, items, prep=prep, quiet=True, predictor=predictor), dtype=np.float64)
         if p.shape != (len(items), len(labels)):
             raise OncoliteError(f"{path}: gives {p.shape[-1]} outputs for {len(labels)} labels; "
                                 "the model was trained on another manifest")
         probs[name] = p
-    return probs
+        rules[name] = run.threshold() if name == FLOAT else predictor.threshold
+    return probs, rules
 
 
-def majority_probs(train_items: list, labels: list, n: int) -> np.ndarray:
-    """The majority-class baseline: every image gets the training class frequencies."""
-    counts = np.array([sum(it["label"] == label for it in train_items) for label in labels], dtype=np.float64)
-    return np.tile(counts / counts.sum(), (n, 1))
+def metric_entry(full: dict) -> dict:
+    """A report row's metrics, each with its CI, from a train.metrics classification report."""
+    entry = {key: _number(full["metrics"][name]["value"]) for key, name in METRICS.items()}
+    entry["ci"] = {key: full["metrics"][name]["ci"] for key, name in METRICS.items()}
+    entry.update({"operating_point": full["operating_point"], "confusion_matrix": full["confusion_matrix"]["counts"],
+                  "metrics": full})
+    return entry
 
 
-def accuracy_side(y, probs: dict, labels: list, bootstrap: int, quiet: bool) -> dict:
+def accuracy_side(y, probs: dict, rules: dict, bands: dict, labels: list, bootstrap: int, quiet: bool) -> dict:
+    from edge_runtime.decision import decisions, margins, uncertain
     from train.metrics import classification_report
 
+    from benchmarks.pooled import CONFIDENT
     from benchmarks.stats import compare_to_reference
 
+    preds = {name: decisions(p, rules[name], labels) for name, p in probs.items()}
+    ref_margins = margins(probs[FLOAT], rules[FLOAT], labels)
     variants = {}
     for name, p in progress(probs.items(), total=len(probs), desc="metrics", quiet=quiet, unit="model"):
-        full = classification_report(y, p, labels, bootstrap=bootstrap)
-        paired = compare_to_reference(y, probs[FLOAT], p, labels)
-        entry = {key: _number(full["metrics"][name]["value"]) for key, name in METRICS.items()}
-        entry["ci"] = {key: full["metrics"][name]["ci"] for key, name in METRICS.items()}
+        rule = rules[name] or {}
+        full = classification_report(y, p, labels, bootstrap=bootstrap, threshold=rule.get("value"),
+                                     positive=rule.get("positive"))
+        paired = compare_to_reference(y, probs[FLOAT], p, preds[FLOAT], preds[name], labels, ref_margins, CONFIDENT)
+        entry = metric_entry(full)
         entry.update({
             "agreement_with_float": paired["agreement"]["value"],
             "agreement_ci": paired["agreement"]["ci"],
+            "flips": paired["flips"]["count"],
+            "confident_flips": paired["flips"]["confident"],
             "mean_abs_prob_diff": paired["probability_difference"]["mean_abs"],
             "max_abs_prob_diff": paired["probability_difference"]["max_abs"],
             "mcnemar": paired["mcnemar"],
             "per_class_delta": paired["per_class_delta"],
-            "confusion_matrix": full["confusion_matrix"]["counts"],
-            "metrics": full,
+            "uncertain_margin": bands.get(name),
         })
+        if bands.get(name) is not None:
+            flagged = uncertain(p, bands[name], rules[name], labels)
+            outside = ~flagged
+            same = preds[name] == preds[FLOAT]
+            entry["uncertain"] = {"flagged": int(flagged.sum()), "share": float(flagged.mean()),
+                                  "agreement_outside": float(same[outside].mean()) if outside.any() else None}
         variants[name] = entry
     return variants
 
@@ -245,12 +356,16 @@ def add_cost_side(variants: dict, models: dict) -> None:
         size = path.stat().st_size
         variants[name].update({"file": str(path), "sha256": file_sha256(path), "size_bytes": size,
                                "size_ratio_keras": size / keras_size,
-                               "size_ratio_fp32": size / fp32_size if fp32_size else None})
+                               "size_ratio_fp32": size / fp32_size if fp32_size else None,
+                               "latency_ms": {}})  # until timed (--threads none: never)
     variants[BASELINE].update({"size_bytes": None, "latency_ms": {}})
 
 
-def add_latency(variants, models, images, prep, threads, runs, warmup, quiet) -> list:
-    """Time each model in a subprocess of its own; returns the failures (the report notes them)."""
+def add_latency(variants, models, images, prep, threads, runs, warmup, quiet, edge_args=None) -> list:
+    """Time each model in a subprocess of its own; returns the failures (the report notes them).
+    The Keras model's latency is its fastest way of calling (benchmarks.latency), and every
+    speed-up is against that one (`speedup_vs_keras`); `speedup_vs_keras_eager` beside it.
+    `edge_args`: extra `edge_runtime bench` flags per model (a bare .tflite's labels)."""
     failures = []
     # The Keras model takes one process per thread count, each edge variant one in all.
     bar = progress(total=len(models) - 1 + len(threads), desc="timing", quiet=quiet, unit="process")
@@ -259,7 +374,7 @@ def add_latency(variants, models, images, prep, threads, runs, warmup, quiet) ->
             if name == FLOAT:
                 timing = time_keras(path, images, prep, threads, runs, warmup, bar)
             else:
-                timing = time_edge(path, images, threads, runs, warmup)
+                timing = time_edge(path, images, threads, runs, warmup, (edge_args or {}).get(name, ()))
                 timing.pop("device")  # the report's machine section says it once
                 bar.update(1)
         except OncoliteError as e:
@@ -269,9 +384,12 @@ def add_latency(variants, models, images, prep, threads, runs, warmup, quiet) ->
         variants[name].update(timing)
     bar.close()
     keras = variants[FLOAT].get("latency_ms", {})
+    eager = {t: modes["eager"]["inference_ms"] for t, modes in (variants[FLOAT].get("keras_modes") or {}).items()
+             if "inference_ms" in modes.get("eager", {})}
     for entry in variants.values():
-        entry["speedup_vs_keras"] = {t: keras[t]["p50"] / lat["p50"]
-                                     for t, lat in entry.get("latency_ms", {}).items() if t in keras and lat.get("p50")}
+        lat = entry.get("latency_ms", {})
+        entry["speedup_vs_keras"] = {t: keras[t]["p50"] / v["p50"] for t, v in lat.items() if t in keras and v.get("p50")}
+        entry["speedup_vs_keras_eager"] = {t: eager[t]["p50"] / v["p50"] for t, v in lat.items() if t in eager and v.get("p50")}
     return failures
 
 
@@ -291,10 +409,10 @@ def run_json(cmd: list[str], what: str, timeout: float = 3600) -> dict:
         raise OncoliteError(f"{what}: printed no JSON result; run it by hand to see why") from None
 
 
-def time_edge(model: Path, images: list, threads: list, runs: int, warmup: int) -> dict:
+def time_edge(model: Path, images: list, threads: list, runs: int, warmup: int, extra=()) -> dict:
     """`python -m edge_runtime bench` in its own process: all thread counts, one peak RSS."""
     cmd = [sys.executable, "-m", "edge_runtime", "bench", str(model), *map(str, images),
-           "--threads", ",".join(map(str, threads)), "--runs", str(runs), "--warmup", str(warmup), "--json"]
+           "--threads", ",".join(map(str, threads)), "--runs", str(runs), "--warmup", str(warmup), *extra, "--json"]
     return edge_timing(run_json(cmd, f"{model}: edge bench"))
 
 
@@ -307,6 +425,8 @@ def edge_timing(result: dict) -> dict:
         "preprocess_ms": result.get("preprocessing"),
         "latency_ms": {t: r["latency_ms"] for t, r in per_threads.items()},
         "throughput_per_s": {t: r.get("throughput_per_s") for t, r in per_threads.items()},
+        "stages_ms": {t: r.get("stages_ms") for t, r in per_threads.items()},
+        "batch": {t: r.get("batch") for t, r in per_threads.items()},
         "peak_rss_mb": result.get("peak_rss_mb"),
         "device": result.get("device"),
     }
@@ -314,7 +434,7 @@ def edge_timing(result: dict) -> dict:
 
 def time_keras(model: Path, images: list, prep, threads: list, runs: int, warmup: int, bar) -> dict:
     """benchmarks.latency once per thread count (TensorFlow fixes its pools at start-up)."""
-    out = {"latency_ms": {}, "throughput_per_s": {}, "peak_rss_mb": {}}
+    out = {"latency_ms": {}, "throughput_per_s": {}, "peak_rss_mb": {}, "keras_modes": {}, "keras_mode": {}, "batch": {}}
     for t in threads:
         cmd = [sys.executable, "-m", "benchmarks.latency", str(model), *map(str, images),
                "--prep", json.dumps(prep.to_dict()), "--threads", str(t), "--runs", str(runs), "--warmup", str(warmup)]
@@ -322,6 +442,9 @@ def time_keras(model: Path, images: list, prep, threads: list, runs: int, warmup
         out["latency_ms"][str(t)] = r["inference_ms"]
         out["throughput_per_s"][str(t)] = r["throughput_per_s"]
         out["peak_rss_mb"][str(t)] = r["peak_rss_mb"]
+        out["keras_modes"][str(t)] = r["modes"]
+        out["keras_mode"][str(t)] = r["mode"]
+        out["batch"][str(t)] = r.get("batch")
         out.update(interpreter=r["interpreter"], load_ms=r["load_ms"], preprocess_ms=r["preprocess_ms"])
         bar.update(1)
     # One number like the edge variants': the largest process.
@@ -329,20 +452,12 @@ def time_keras(model: Path, images: list, prep, threads: list, runs: int, warmup
     return out
 
 
-def run_fold(run_dir: Path):
-    """The CV fold a run directory trained on (recorded by `oncolite train`), or None."""
-    from train.train import read_run_config
-
-    if not (Path(run_dir) / "config.json").exists():
-        return None
-    return read_run_config(Path(run_dir))[1].get("fold")
-
-
-def split_facts(manifest, manifest_path: Path, side: str, n: int) -> dict:
+def split_facts(manifest, manifest_path: Path, side: str, n: int, fold=None) -> dict:
+    """Which images: the manifest's split settings, and the fold whose sides were used (None: its `split`)."""
     split, audit = manifest.meta.get("split") or {}, manifest.meta.get("audit") or {}
     return {"kind": split.get("kind"), "seed": manifest.meta.get("seed"), "side": side, f"n_{side}": n,
             "n_test": n if side == "test" else None, "conflicts_excluded": audit.get("conflicts_excluded"),
-            "folds": split.get("folds"), "test_fold": split.get("test_fold"),
+            "folds": split.get("folds"), "fold": fold, "test_fold": split.get("test_fold") if fold is None else fold,
             "manifest": str(manifest_path), "manifest_sha256": manifest.sha256}
 
 
@@ -355,36 +470,105 @@ def machine_facts() -> dict:
             "interpreters": {pkg: package_version(pkg) for pkg in ("ai-edge-litert", "tflite-runtime", "tensorflow", "tf-keras")}}
 
 
-def validate_report(d: dict) -> list[str]:
-    """Problems with a report's minimal shape (issue 8); empty when it is fine."""
-    problems = []
-    variants = d.get("variants")
-    if not isinstance(variants, dict) or FLOAT not in variants:
-        return [f"variants must be an object with {FLOAT!r}"]
-    for name, v in variants.items():
-        if name == BASELINE:
-            continue
-        for key in ("accuracy", "mcc", "roc_auc_macro", "f1_macro", "agreement_with_float"):
-            if not isinstance(v.get(key), (int, float)) and not (key == "roc_auc_macro" and v.get(key) is None):
-                problems.append(f"variants.{name}.{key} must be a number")
-        if not isinstance(v.get("size_bytes"), int):
-            problems.append(f"variants.{name}.size_bytes must be an integer")
-        lat = v.get("latency_ms")
-        if not isinstance(lat, dict):
-            problems.append(f"variants.{name}.latency_ms must be an object")
+# --- bring your own models ------------------------------------------------------------------
+
+def main_byo(args) -> int:
+    """`oncolite benchmark --float MODEL [A.tflite ...] --data DIR | --manifest M`."""
+    from benchmarks.report import write_report
+    from quantize import byo
+    from train.config import load_config
+
+    settings = load_config()["benchmark"]
+    threads = parse_threads(args.threads) if args.threads is not None else usable_threads(settings["threads"])
+    if args.target:
+        raise OncoliteError("--target: devices take a run directory's exported variants; benchmark them from "
+                            "`oncolite export MODEL` (its --out folder) or leave --target out")
+    report, probs, y = run_byo_benchmark(
+        args.float_model, args.run_dir, data=args.data, manifest=args.manifest, side=args.side, out=args.out,
+        labels=byo.parse_labels(args.labels), size=byo.parse_size(args.size),
+        mean=byo.parse_channels(args.mean, "--mean"), std=byo.parse_channels(args.std, "--std"), resample=args.resample,
+        threads=threads, runs=settings["runs"] if args.runs is None else args.runs,
+        warmup=settings["warmup"] if args.warmup is None else args.warmup, bootstrap=args.bootstrap,
+        quiet=args.quiet or args.json, command=args.command_line)
+    out = Path(report["run"]) / "benchmark"
+    md = write_report(out, report, probs, y)
+    print_json(report) if args.json else say(args, md, *timing_lines(report), f"report: {out / 'report.md'}")
+    return EXIT_SOME_FAILED if report["failures"] else EXIT_OK
+
+
+def byo_models(float_keras: Path, tflite_paths) -> dict[str, Path]:
+    """Report name -> file: the float model, then each .tflite (tflite_<stem>, numbered when stems repeat)."""
+    found = {FLOAT: float_keras}
+    for path in map(Path, tflite_paths):
+        if path.suffix != ".tflite" or not path.is_file():
+            raise OncoliteError(f"{path}: not a .tflite file; give the float model with --float and .tflite files")
+        name, k = f"tflite_{path.stem}", 2
+        while name in found:
+            name, k = f"tflite_{path.stem}_{k}", k + 1
+        found[name] = path
+    return found
+
+
+def run_byo_benchmark(float_model, tflite_paths, data=None, manifest=None, side="test", out=None, labels=None,
+                      size=None, mean=None, std=None, resample=None, threads=(1,), runs=50, warmup=5,
+                      bootstrap=1000, quiet=False, command=None):
+    """A float model and .tflite files from anywhere on the same images; returns (report, probs, y).
+
+    The float model is prepared as export prepares it (quantize.byo: flat, probabilities out) and
+    saved as OUT/float.keras, which is what is evaluated and timed. A .tflite file keeps its own
+    labels and preprocessing (metadata or sidecar); a bare one gets --labels and the float
+    model's normalization at its own input size. Columns are put in the label order of the data."""
+    from edge_runtime.model import EdgeModel
+    from quantize import byo
+    from quantize.rundir import ModelRun
+    from train.evaluate import Predictor, predict_items
+
+    if not float_model:
+        raise OncoliteError("give your float model with --float MODEL: every .tflite file is compared with it")
+    if (data is None) == (manifest is None):
+        raise OncoliteError(f"{float_model}: give the images to evaluate with --data DIR (class folders, every image) "
+                            "or --manifest M (its --side)")
+    float_path = Path(float_model)
+    out = Path(out) if out else float_path.resolve().parent / f"{float_path.name.split('.')[0]}_benchmark"
+    float_prep, facts, prepared = byo.import_model(float_path, out, size, mean, std, resample, quiet)
+    source = byo.folder_data(data, labels, halves=False) if data else byo.manifest_data(manifest, labels)
+    where = Path(data or manifest)
+    labels = list(source.labels)
+    if facts["classes"] != len(labels):
+        raise OncoliteError(f"{float_path}: {facts['classes']} outputs but {where} has {len(labels)} classes "
+                            f"({', '.join(labels)}); give the model's classes with --labels in output order")
+    sides = source.sides()
+    side = "test" if data else side
+    items = sides[side]
+    if not items:
+        raise OncoliteError(f"{where}: no {side} images; pick --side or give --data DIR")
+    y = np.array([labels.index(it["label"]) for it in items])
+    models = byo_models(out / "float.keras", tflite_paths)
+    run = ModelRun(path=out, config={}, manifest=source, prep=float_prep, given_labels=labels, source=facts)
+
+    probs, rules, bands, edge_args = {}, {}, {}, {}
+    float_predictor = Predictor(lambda x: np.asarray(prepared.predict_on_batch(x), dtype=np.float32), float_prep,
+                                labels, None)
+    for name, path in progress(models.items(), total=len(models), desc="predicting", quiet=quiet, unit="model"):
+        if name == FLOAT:
+            predictor, order = float_predictor, None
         else:
-            for t, s in lat.items():
-                if not (t.isdigit() and isinstance(s, dict) and all(isinstance(s.get(k), (int, float)) for k in ("p50", "p90"))):
-                    problems.append(f"variants.{name}.latency_ms.{t} must be {{'p50': ms, 'p90': ms, ...}}")
-    split = d.get("split")
-    if not isinstance(split, dict):
-        problems.append("split must be an object")
-    else:
-        if split.get("kind") not in ("group", "random"):
-            problems.append("split.kind must be 'group' or 'random'")
-        if not isinstance(split.get("n_test"), int):
-            problems.append("split.n_test must be an integer")
-        for key in ("seed", "conflicts_excluded"):
-            if key not in split:
-                problems.append(f"split.{key} is missing")
-    return problems
+            edge = EdgeModel.load(path, labels=labels, prep=float_prep)
+            if sorted(edge.labels) != sorted(labels):
+                raise OncoliteError(f"{path}: labels {edge.labels} are not the classes of {where} ({labels}); "
+                                    "benchmark models of the same task")
+            order = [edge.labels.index(label) for label in labels]
+            predictor = Predictor(edge.predict, edge.prep, list(edge.labels), edge.threshold)
+            bands[name] = edge.uncertain_margin if order == sorted(order) else None
+            if not edge.has_metadata and edge.facts == {}:
+                edge_args[name] = ["--labels", ",".join(labels), "--mean", ",".join(map(str, float_prep.mean)),
+                                   "--std", ",".join(map(str, float_prep.std))]
+        p = np.asarray(predict_items(path, items, prep=predictor.prep, quiet=True, predictor=predictor), dtype=np.float64)
+        probs[name] = p[:, order] if order is not None else p
+        rules[name] = predictor.threshold if order is None or order == sorted(order) else None
+    bands.setdefault(FLOAT, None)
+    report, probs, y = build_report(run, models, source, where, side, sides, items, labels, y, float_prep, probs, rules,
+                                    bands, threads=threads, runs=runs, warmup=warmup, bootstrap=bootstrap,
+                                    quiet=quiet, command=command, edge_args=edge_args)
+    report["source"] = {"float": facts, "tflite": {name: str(Path(p).resolve()) for name, p in models.items() if name != FLOAT}}
+    return report, probs, y

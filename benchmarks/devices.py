@@ -16,7 +16,8 @@ adb[:serial]
     from the LiteRT / TFLite performance-measurement docs ("Download or build the binary":
     the nightly prebuilt `android_aarch64_benchmark_model`), or build it with
     `bazel build -c opt --config=android_arm64 //tensorflow/lite/tools/benchmark:benchmark_model`;
-    point ONCOLITE_BENCHMARK_MODEL at it (default: ./benchmark_model).
+    give it with `--benchmark-model PATH`, or set ONCOLITE_BENCHMARK_MODEL, or put it at
+    tools/benchmark_model in the repository.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ REMOTE_HOME = ".oncolite-bench"  # under the remote user's home
 # With edge_runtime/: what `pip install .` of the base install needs.
 RUNTIME_FILES = ("pyproject.toml", "README.md")
 ADB_DIR = "/data/local/tmp/oncolite"
+DEFAULT_BENCHMARK_MODEL = REPO_ROOT / "tools" / "benchmark_model"
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,16 @@ def parse_ssh_url(url: str) -> SshTarget:
                      identity=query.get("identity"), strict=query.get("strict", "yes") != "no")
 
 
-def run_target(target: str, models: dict, images: list, probs: dict, items: list, *, runs: int, warmup: int,
-               threads: list, quiet: bool = True) -> dict:
-    """One device's column group of the report."""
+def run_target(target: str, models: dict, images: list, probs: dict, rules: dict, items: list, *, runs: int,
+               warmup: int, threads: list, benchmark_model=None, quiet: bool = True) -> dict:
+    """One device's column group of the report. `probs` and `rules` (operating points) are this
+    machine's, per model: the device's answers are compared with them."""
     if target.startswith("ssh://"):
-        return ssh_benchmark(parse_ssh_url(target), models, probs, items, runs=runs, warmup=warmup, threads=threads)
+        return ssh_benchmark(parse_ssh_url(target), models, probs, rules, items, runs=runs, warmup=warmup,
+                             threads=threads)
     if target == "adb" or target.startswith("adb:"):
-        return adb_benchmark(target.partition(":")[2] or None, models, runs=runs, warmup=warmup, threads=threads)
+        return adb_benchmark(target.partition(":")[2] or None, models, runs=runs, warmup=warmup, threads=threads,
+                             binary=benchmark_model_path(benchmark_model))
     raise OncoliteError(f"--target {target}: use ssh://user@host[:port] or adb[:serial]")
 
 
@@ -132,7 +137,7 @@ def remote_python(target: SshTarget) -> str:
     return f"{venv}/bin/python"
 
 
-def ssh_benchmark(target: SshTarget, models: dict, probs: dict, items: list, *, runs: int, warmup: int,
+def ssh_benchmark(target: SshTarget, models: dict, probs: dict, rules: dict, items: list, *, runs: int, warmup: int,
                   threads: list) -> dict:
     run = f"$HOME/{REMOTE_HOME}/run"
     ssh_run(target, f"rm -rf {run} && mkdir -p {run} && tar xzf - -C {run}", "copying the runtime, models and images",
@@ -142,6 +147,8 @@ def ssh_benchmark(target: SshTarget, models: dict, probs: dict, items: list, *, 
     prefix = f"cd {run} && {shlex.quote(python) if not python.startswith('$') else python}"
     images = " ".join(remote_image(i, it["path"]) for i, it in enumerate(items))
     variants = {}
+    from train.metrics import agreement, decisions
+
     from benchmarks.benchmark import LATENCY_IMAGES, edge_timing
 
     for name, path in models.items():
@@ -154,9 +161,9 @@ def ssh_benchmark(target: SshTarget, models: dict, probs: dict, items: list, *, 
         predicted = json.loads(ssh_run(target, f"{prefix} -m edge_runtime predict models/{path.name} {images} --json",
                                        f"predict {path.name}"))
         remote_probs = prediction_probs(predicted, len(items))
-        local = probs[name]
-        variants[name] = {**edge_timing(bench),
-                          "agreement_with_local": float(np.mean(remote_probs.argmax(1) == local.argmax(1))),
+        local, labels = probs[name], predicted["labels"]
+        same = agreement(decisions(remote_probs, rules[name], labels), decisions(local, rules[name], labels))
+        variants[name] = {**edge_timing(bench), "agreement_with_local": same["value"],
                           "max_abs_prob_diff": float(np.max(np.abs(remote_probs - local)))}
     machine = next((v.pop("device") for v in variants.values()), {})
     for v in variants.values():
@@ -211,18 +218,24 @@ def parse_benchmark_model(text: str) -> dict:
 
 
 def adb_latency(parsed: dict) -> dict:
-    """The report's latency entry: benchmark_model has no p90; its median when it prints one."""
+    """The report's latency entry. benchmark_model prints no p90 (None here) but a median and a
+    p95 in recent builds; without a median, p50 is the mean (and says so)."""
     runs = parsed.get("runs", {})
-    return {"p50": runs.get("median_ms", parsed["inference_avg_ms"]), "p90": runs.get("p95_ms", runs.get("max_ms")),
-            "mean": parsed["inference_avg_ms"], "min": runs.get("min_ms"), "std": runs.get("std_ms"),
-            "p50_is_mean": "median_ms" not in runs}
+    return {"p50": runs.get("median_ms", parsed["inference_avg_ms"]), "p90": None, "p95": runs.get("p95_ms"),
+            "max": runs.get("max_ms"), "mean": parsed["inference_avg_ms"], "min": runs.get("min_ms"),
+            "std": runs.get("std_ms"), "p50_is_mean": "median_ms" not in runs}
 
 
-def adb_benchmark(serial: str | None, models: dict, *, runs: int, warmup: int, threads: list) -> dict:
-    binary = Path(os.environ.get("ONCOLITE_BENCHMARK_MODEL", "benchmark_model"))
+def benchmark_model_path(given=None) -> Path:
+    """The benchmark_model binary: --benchmark-model, else $ONCOLITE_BENCHMARK_MODEL, else tools/benchmark_model."""
+    binary = Path(given or os.environ.get("ONCOLITE_BENCHMARK_MODEL") or DEFAULT_BENCHMARK_MODEL)
     if not binary.is_file():
         raise OncoliteError(f"{binary}: LiteRT benchmark_model binary not found; download the android_aarch64 "
-                            "benchmark_model (LiteRT performance docs) and set ONCOLITE_BENCHMARK_MODEL to it")
+                            "benchmark_model (LiteRT performance docs) and pass --benchmark-model PATH")
+    return binary
+
+
+def adb_benchmark(serial: str | None, models: dict, *, runs: int, warmup: int, threads: list, binary: Path) -> dict:
     adb = ["adb", *(["-s", serial] if serial else [])]
 
     def call(*cmd, what):

@@ -10,7 +10,10 @@ import numpy as np
 from edge_runtime.atomic import write_json, write_text
 from train.plots import draw_confusion, pyplot, save_png
 
+# Report names of the reference model and of the majority-class baseline row.
 FLOAT = "keras_float"
+BASELINE = "majority_baseline"
+SPLIT_KINDS = ("group", "random", "published", "given")  # train.manifest's split kinds
 # Published MobileNetV2 (1.0, 224 px) latencies, batch 1; the sources as /work/shared/NOTES.md gives them.
 # `match` holds lowercase fragments of a device's CPU / model description.
 PUBLISHED = [
@@ -33,6 +36,10 @@ def with_ci(v: dict, key: str) -> str:
     return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and v.get(key) is not None else text
 
 
+def fmt_share(value) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
 def published_matches(device_text: str) -> list[dict]:
     text = (device_text or "").lower()
     return [p for p in PUBLISHED if any(m in text for m in p["match"])]
@@ -50,6 +57,41 @@ def accuracy_table(report: dict) -> list[str]:
                      f"{with_ci(v, 'roc_auc_macro')} | {with_ci(v, 'pr_auc_macro')} | {with_ci(v, 'mcc')} | {agreement} | "
                      f"{fmt(v.get('mean_abs_prob_diff'), 4)} | {fmt(m.get('p_value'), 4)} "
                      f"({m.get('only_ref_correct', '—')} / {m.get('only_other_correct', '—')}) |")
+    return lines
+
+
+def fidelity_table(report: dict) -> list[str]:
+    """Per variant: flips against float, confident ones, and its uncertain band on this side."""
+    lines = ["| model | flips | confident flips (float margin ≥ 0.2) | max abs Δp | uncertain band | "
+             "flagged | agreement outside the band |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, v in report["variants"].items():
+        if name == FLOAT or v.get("flips") is None:
+            continue
+        unc = v.get("uncertain") or {}
+        outside = unc.get("agreement_outside")
+        lines.append(f"| {name} | {v['flips']} | {v['confident_flips']} | {fmt(v.get('max_abs_prob_diff'), 3)} | "
+                     f"{fmt(v.get('uncertain_margin'), 3)} | "
+                     f"{fmt_share(unc.get('share'))} | "
+                     f"{'—' if outside is None else f'{outside:.1%}'} |")
+    return lines
+
+
+def flipped_table(report: dict, limit: int = 40) -> list[str]:
+    """Each image an int8 variant decides differently from float, with both models' probabilities."""
+    labels = report["labels"]
+    lines = []
+    for name, rows in (report.get("flipped") or {}).items():
+        if not name.startswith("tflite_int8") or not rows:
+            continue
+        lines += ["", f"### {name}: {len(rows)} flipped", "",
+                  f"| image | true | float | {name} | float p ({', '.join(labels)}) | {name} p | float margin |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sorted(rows, key=lambda r: -r["float_margin"])[:limit]:
+            lines.append(f"| {r['image']} | {r['label']} | {r['float']} | {r[name]} | "
+                         f"{', '.join(f'{p:.3f}' for p in r['float_probs'])} | "
+                         f"{', '.join(f'{p:.3f}' for p in r['variant_probs'])} | {r['float_margin']:.3f} |")
+        if len(rows) > limit:
+            lines.append(f"| … {len(rows) - limit} more in report.json | | | | | | |")
     return lines
 
 
@@ -104,12 +146,13 @@ def devices_section(report: dict) -> list[str]:
                   f"Python {dev.get('machine', {}).get('python')}; interpreter {dev.get('interpreter')}"]
         for note in dev.get("notes", []):
             lines.append(f"- **{note}**")
-        lines += ["", "| model | threads | p50 ms | p90 ms | agreement with this machine | max abs Δp |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| model | threads | p50 ms | p90 ms | p95 ms | agreement with this machine | max abs Δp |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for name, v in dev.get("variants", {}).items():
             for t, lat in (v.get("latency_ms") or {"—": {}}).items():
                 agree = v.get("agreement_with_local")
                 lines.append(f"| {name} | {t} | {fmt(lat.get('p50'), 2)} | {fmt(lat.get('p90'), 2)} | "
+                             f"{fmt(lat.get('p95'), 2)} | "
                              f"{'—' if agree is None else f'{agree:.1%}'} | {fmt(v.get('max_abs_prob_diff'), 4)} |")
     return lines
 
@@ -127,6 +170,14 @@ def published_section(report: dict) -> list[str]:
     return lines
 
 
+def decision_text(report: dict) -> str:
+    """How each model turned probabilities into a class: argmax, or its binary operating point."""
+    points = {name: v["operating_point"] for name, v in report["variants"].items() if v.get("operating_point")}
+    if not points:
+        return "argmax for every model"
+    return "argmax except " + ", ".join(f"{name}: {op['positive']} when p >= {op['value']:g}" for name, op in points.items())
+
+
 def markdown(report: dict) -> str:
     m, split, s = report.get("machine", {}), report.get("split", {}), report["settings"]
     lines = ["# Benchmark: float Keras model vs TFLite variants", ""]
@@ -138,12 +189,19 @@ def markdown(report: dict) -> str:
               f"- git commit: {report.get('git', {}).get('commit')}{' (uncommitted changes)' if report.get('git', {}).get('dirty') else ''}",
               f"- split: {split.get('kind')}, seed {split.get('seed')}, side {split.get('side')}, "
               f"{split.get('n_' + str(split.get('side')))} images, conflicts excluded: {split.get('conflicts_excluded')}; "
-              f"manifest sha256 {split.get('manifest_sha256')}",
+              f"manifest sha256 {split.get('manifest_sha256')}"
+              + (f"; sides of CV fold {split['fold']}" if split.get("fold") is not None else ""),
+              f"- decisions: {decision_text(report)}",
               f"- timing: {s['warmup']} warm-up + {s['runs']} timed single-image runs over {s['latency_images']} images, "
               "each model in its own process; preprocessing timed apart from inference",
               "", "## Accuracy (95 % bootstrap CIs; agreement: Wilson CI; McNemar: exact, vs the float model)", "",
-              *accuracy_table(report), "", "### Per-class change against the float model", "", *per_class_table(report),
+              *accuracy_table(report), "", "### Fidelity to the float model", "", *fidelity_table(report),
+              "", "### Per-class change against the float model", "", *per_class_table(report),
               "", "## Cost", "", *cost_table(report), "", "## Confusion matrices", "", *confusion_tables(report)]
+    flipped = flipped_table(report)
+    if flipped:
+        lines += ["", "## Flipped images (int8 against float)", *flipped,
+                  "", "Plot: flips_vs_margin.png (each image's float decision margin; flips marked)."]
     lines += devices_section(report)
     lines += published_section(report)
     if report.get("failures"):
@@ -194,6 +252,34 @@ def plot_latency(report: dict, path: Path) -> None:
     save_png(fig, path, dpi=110, tight=True)
 
 
+def plot_flips(report: dict, probs: dict, path: Path) -> None:
+    """Where the int8 variants' flips sit against the float model's decision margin: every image
+    as a tick, flipped ones as dots. Flips at small margins are ties; at large ones, real error."""
+    from edge_runtime.decision import decisions, margins
+
+    from benchmarks.pooled import CONFIDENT as CONFIDENT_MARGIN
+
+    labels, variants = report["labels"], report["variants"]
+    rule = variants[FLOAT].get("operating_point")
+    margin = margins(probs[FLOAT], rule, labels)
+    reference = decisions(probs[FLOAT], rule, labels)
+    names = [n for n in probs if n.startswith("tflite_int8")]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.4))
+    for row, name in enumerate(names):
+        hit = decisions(probs[name], variants[name].get("operating_point"), labels) != reference
+        ax.scatter(margin, np.full(len(margin), row), marker="|", color="0.75", s=60)
+        ax.scatter(margin[hit], np.full(int(hit.sum()), row), color="C3", s=30, zorder=3,
+                   label="flipped against float" if row == 0 else None)
+    ax.axvline(CONFIDENT_MARGIN, color="0.4", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel(f"float model's decision margin (dashed: {CONFIDENT_MARGIN}, right of it a flip is 'confident')")
+    ax.set_xlim(0, 1)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("int8 flips against the float model's margin", fontsize=9)
+    save_png(fig, path, dpi=110, tight=True)
+
+
 def plot_confusions(report: dict, path: Path) -> None:
     plt = pyplot()
     names = [n for n, v in report["variants"].items() if v.get("confusion_matrix")]
@@ -233,16 +319,63 @@ def plot_reliability(curves: dict, path: Path) -> None:
     save_png(fig, path, dpi=110, tight=True)
 
 
+def validate_report(d: dict) -> list[str]:
+    """Problems with a report's minimal shape (issue 8); empty when it is fine."""
+    problems = []
+    variants = d.get("variants")
+    if not isinstance(variants, dict) or FLOAT not in variants:
+        return [f"variants must be an object with {FLOAT!r}"]
+    for name, v in variants.items():
+        if name == BASELINE:
+            continue
+        for key in ("accuracy", "mcc", "roc_auc_macro", "f1_macro", "agreement_with_float"):
+            if not isinstance(v.get(key), (int, float)) and not (key == "roc_auc_macro" and v.get(key) is None):
+                problems.append(f"variants.{name}.{key} must be a number")
+        if not isinstance(v.get("size_bytes"), int):
+            problems.append(f"variants.{name}.size_bytes must be an integer")
+        lat = v.get("latency_ms")
+        if not isinstance(lat, dict):
+            problems.append(f"variants.{name}.latency_ms must be an object")
+        else:
+            for t, s in lat.items():
+                if not (t.isdigit() and isinstance(s, dict) and all(isinstance(s.get(k), (int, float)) for k in ("p50", "p90"))):
+                    problems.append(f"variants.{name}.latency_ms.{t} must be {{'p50': ms, 'p90': ms, ...}}")
+    split = d.get("split")
+    if not isinstance(split, dict):
+        problems.append("split must be an object")
+    else:
+        if split.get("kind") not in SPLIT_KINDS:
+            problems.append(f"split.kind must be one of {', '.join(SPLIT_KINDS)}")
+        # n_test for the usual test side; a report on another side counts that side's images.
+        count = f"n_{split.get('side', 'test')}"
+        if not isinstance(split.get(count), int):
+            problems.append(f"split.{count} must be an integer")
+        for key in ("seed", "conflicts_excluded"):
+            if key not in split:
+                problems.append(f"split.{key} is missing")
+    return problems
+
+
 def write_report(out_dir: Path, report: dict, probs: dict, y) -> str:
-    """report.json, report.md and the plots; returns the Markdown."""
+    """report.json, report.md and the plots; returns the Markdown. Refuses (ValueError, nothing
+    written) a report that does not have the shape validate_report checks."""
+    problems = validate_report(report)
+    if problems:
+        raise ValueError("benchmark report is malformed: " + "; ".join(problems))
+    from benchmarks.pooled import PREDICTIONS
+
     out_dir = Path(out_dir)
-    int8 = [n for n in ("tflite_int8_qat", "tflite_int8_ptq") if n in probs]
+    # Per-image probabilities of every model: what benchmarks.pooled pools over CV folds.
+    write_json(out_dir / PREDICTIONS, report.pop("predictions"))
+    int8 = [n for n in probs if n.startswith("tflite_int8")]
     report["calibration"] = {n: reliability(np.asarray(y), probs[n]) for n in [FLOAT, *int8]}
     plot_accuracy_vs_size(report, out_dir / "accuracy_vs_size.png")
     if any(v.get("latency_ms") for v in report["variants"].values()):
         plot_latency(report, out_dir / "latency.png")
     plot_confusions(report, out_dir / "confusion_matrices.png")
     plot_reliability(report["calibration"], out_dir / "reliability.png")
+    if int8:
+        plot_flips(report, probs, out_dir / "flips_vs_margin.png")
     md = markdown(report)
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", md)

@@ -1,7 +1,7 @@
 """Paired comparison of a variant's predictions with the float model's on the same images.
 
 The per-model metrics with CIs come from train.metrics; this file adds what only a pair of
-models has: McNemar's exact test, top-1 agreement, probability differences, per-class deltas.
+models has: McNemar's exact test, a CI for top-1 agreement, probability differences, per-class deltas.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import binomtest
 from sklearn.metrics import precision_recall_fscore_support
+
+from train import metrics
 
 
 def mcnemar_exact(y_true, pred_ref, pred_other) -> dict:
@@ -36,12 +38,9 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> list[fl
 
 
 def agreement(pred_ref, pred_other, confidence: float = 0.95) -> dict:
-    """Share of images where both models give the same top-1 class, with a Wilson CI."""
-    pred_ref, pred_other = np.asarray(pred_ref), np.asarray(pred_other)
-    same = int(np.sum(pred_ref == pred_other))
-    n = int(pred_ref.size)
-    return {"value": same / n if n else float("nan"), "ci": wilson_interval(same, n, confidence),
-            "same": same, "n": n}
+    """train.metrics' top-1 agreement (same class on the same image) with a Wilson CI."""
+    result = metrics.agreement(pred_ref, pred_other)
+    return {**result, "ci": wilson_interval(result["same"], result["n"], confidence)}
 
 
 def probability_difference(probs_ref, probs_other) -> dict:
@@ -59,12 +58,24 @@ def per_class_deltas(y_true, pred_ref, pred_other, labels) -> dict:
             for i, label in enumerate(labels)}
 
 
-def compare_to_reference(y_true, probs_ref, probs_other, labels) -> dict:
-    """Everything the report says about one variant against the float model."""
-    pred_ref = np.argmax(probs_ref, axis=1)
-    pred_other = np.argmax(probs_other, axis=1)
+def flips(pred_ref, pred_other, ref_margins, confident: float) -> dict:
+    """Images decided differently, and how many of them the reference decided with a margin of
+    at least `confident` (real error, not a tie at the boundary)."""
+    changed = np.asarray(pred_ref) != np.asarray(pred_other)
+    return {"count": int(changed.sum()), "confident": int((changed & (np.asarray(ref_margins) >= confident)).sum()),
+            "confident_margin": confident}
+
+
+def compare_to_reference(y_true, probs_ref, probs_other, pred_ref, pred_other, labels, ref_margins=None,
+                         confident: float = 0.2) -> dict:
+    """Everything the report says about one variant against the float model.
+
+    `pred_*` are each model's decisions and `ref_margins` the reference's decision margins
+    (edge_runtime.decision: argmax or a binary operating point).
+    """
     return {
         "agreement": agreement(pred_ref, pred_other),
+        "flips": flips(pred_ref, pred_other, np.zeros(len(pred_ref)) if ref_margins is None else ref_margins, confident),
         "mcnemar": mcnemar_exact(y_true, pred_ref, pred_other),
         "probability_difference": probability_difference(probs_ref, probs_other),
         "per_class_delta": per_class_deltas(y_true, pred_ref, pred_other, labels),

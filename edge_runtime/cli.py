@@ -2,13 +2,21 @@
 
 Each command lives in its own module exposing `add_arguments(parser)` and `main(args) -> int`.
 Only the chosen command's module is imported, so `predict` never pays for (or needs) TensorFlow.
+A command that does import TensorFlow prints only the C++ log lines TF_CPP_MIN_LOG_LEVEL lets
+through (default 3: none; TensorFlow's real errors come as Python exceptions).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import importlib.abc
+import importlib.util
+import os
+import re
 import sys
+import tempfile
 
 from edge_runtime.errors import EXIT_USAGE, OncoliteError
 
@@ -19,10 +27,111 @@ EDGE_COMMANDS = {
     "bench": ("edge_runtime.bench", "time a .tflite model on this device (latency percentiles, memory)"),
     "info": ("edge_runtime.model", "show a .tflite model's labels, preprocessing, tensors and checks"),
     "slidemap": ("edge_runtime.slidemap", "IDC slide map: a patient's patches with predicted IDC probability"),
+    "webapp": ("edge_runtime.webapp", "build the installable, offline field page that runs the model in the phone's browser"),
 }
 
 
+TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"
+# An absl log line ("I0000 00:00:1796120757.632656 7701 port.cc:153] ...") and its severity.
+_ABSL_LINE = re.compile(rb"^([IWEF])\d{4} ")
+_SEVERITY = {b"I": 0, b"W": 1, b"E": 2, b"F": 3}
+_ABSL_NOTICE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+
+
+def _log_level() -> int:
+    try:
+        return int(os.environ.get(TF_LOG_LEVEL, "0"))
+    except ValueError:
+        return 0
+
+
+@contextlib.contextmanager
+def _native_stderr_filtered(level: int):
+    """File descriptor 2 captured while the block runs, then written back without the absl
+    lines below `level` (and absl's notice about them). Everything else comes back as it was."""
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = b"".join(line for line in capture.read().splitlines(keepends=True)
+                            if not _below(line, level))
+            while kept:
+                kept = kept[os.write(2, kept):]
+
+
+def _below(line: bytes, level: int) -> bool:
+    found = _ABSL_LINE.match(line)
+    if found:
+        return _SEVERITY[found.group(1)] < level
+    return level > 0 and line.rstrip() == _ABSL_NOTICE
+
+
+class _FilteredLoader:
+    """A module loader whose exec_module runs with native stderr filtered."""
+
+    def __init__(self, loader, level: int):
+        self._loader, self._level = loader, level
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        try:
+            with _native_stderr_filtered(self._level):
+                self._loader.exec_module(module)
+        finally:
+            module.__loader__ = module.__spec__.loader = self._loader
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Filters TensorFlow's first import. Its native libraries print INFO lines ("oneDNN custom
+    operations are on", "Could not find cuda drivers") before absl's logging reads
+    TF_CPP_MIN_LOG_LEVEL, so the variable alone cannot hide them; this applies it to them."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _FilteredLoader(spec.loader, _log_level())
+        return spec
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_logs():
+    """While a command runs: TensorFlow's C++ logs at TF_CPP_MIN_LOG_LEVEL (3 unless the user
+    set it), applied also to the lines TensorFlow prints while it is first imported."""
+    os.environ.setdefault(TF_LOG_LEVEL, "3")
+    finder = None
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        finder = _QuietTensorFlowImport()
+        sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        if finder in sys.meta_path:
+            sys.meta_path.remove(finder)
+
+
 def dispatch(prog: str, commands: dict, argv=None) -> int:
+    with quiet_tensorflow_logs():
+        return _dispatch(prog, commands, argv)
+
+
+def _dispatch(prog: str, commands: dict, argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     width = max(map(len, commands))
     listing = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in commands.items())

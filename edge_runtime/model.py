@@ -1,12 +1,17 @@
 """A .tflite classifier on the device: checked when loaded, quantized in, probabilities out.
 
 `EdgeModel.load` refuses, with one line naming the file and the fix, anything that would give
-silently wrong answers: not a TFLite file, truncated or corrupt, not one NHWC RGB input and one
-[1, C] output, input/output types other than float32 or scaled int8/uint8, labels that do not
-match C, a file that differs from its sidecar's sha256, a sidecar whose labels, preprocessing or
-input/output facts disagree with the model's metadata or tensors.
-Labels, preprocessing and the operating threshold come from the model's own metadata, the
-sidecar `<model>.json` being the fallback for models without it.
+silently wrong answers: not a regular file (a pipe or a device would block or never end), not a
+TFLite file, truncated or corrupt, not one NHWC RGB input and one [1, C] output, input/output
+types other than float32 or scaled int8/uint8, labels that do not match C, a sidecar that does
+not name the model's sha256 or names another, a sidecar whose labels, preprocessing or
+input/output facts disagree with the model's metadata or tensors, an invalid threshold or
+uncertain band.
+Labels, preprocessing, the operating threshold and the uncertain band come from the model's own
+metadata, the sidecar `<model>.json` being the fallback for models without it.
+
+`prediction_record` is one image's answer in the one shape predict prints and the field server
+returns: label, probabilities, top classes, the decision rule and the uncertain flag.
 
 Also the `info` command: `python -m edge_runtime info MODEL [--json]`.
 """
@@ -14,7 +19,9 @@ Also the `info` command: `python -m edge_runtime info MODEL [--json]`.
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +29,18 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.backends import BACKENDS, make_interpreter
+from edge_runtime.decision import uncertain
 from edge_runtime.flatbuf import model_kind
-from edge_runtime.errors import EXIT_OK, ModelError
+from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
 from edge_runtime.hashing import bytes_sha256
 from edge_runtime.metadata import MODEL_IDENTIFIER, read_metadata
 from edge_runtime.preprocess import Preprocessing, dequantize, preprocess, quantize
 
 # The model a fresh checkout ships: used when a command is given no MODEL.
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "busi" / "int8_qat.tflite"
+# A flatbuffer cannot be larger (32-bit offsets); a sidecar is a few KB of JSON.
+MAX_MODEL_BYTES = 2**31
+MAX_SIDECAR_BYTES = 2**20
 
 
 def default_model_path() -> Path:
@@ -77,12 +88,24 @@ class EdgeModel:
     size_bytes: int
     facts: dict = field(default_factory=dict)  # oncolite.json from the metadata, or the sidecar
     has_metadata: bool = False
+    # Below this top-1 margin (decision.margins) the int8 answer may differ from the float
+    # model's: flagged "uncertain". None: the model has no band.
+    uncertain_margin: float | None = None
+    # Why whoever uses this model should be told to be careful (e.g. an int8 model that lost
+    # more accuracy against float on validation than the export gate allowed).
+    warnings: list = field(default_factory=list)
     # An interpreter is not re-entrant: the field server calls predict from several threads.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _pixel_input: object = field(default=None, repr=False)  # edge_runtime.pixels.PixelInput, made when first used
 
     @classmethod
-    def load(cls, path, backend: str | None = None, threads: int | None = None, resolver: str = "default") -> "EdgeModel":
+    def load(cls, path, backend: str | None = None, threads: int | None = None, resolver: str = "default",
+             labels: list[str] | None = None, prep: Preprocessing | None = None) -> "EdgeModel":
+        """`labels` and `prep`: for a bare model (no metadata, no sidecar) only; the model's own win."""
         path = Path(path)
+        if threads is not None and threads < 1:
+            raise OncoliteError(f"--threads {threads}: give 1 or more interpreter threads, "
+                                "or leave it out for the backend's default")
         data = _read_model_bytes(path)
         digest = bytes_sha256(data)
         sidecar = _read_sidecar(path)
@@ -105,13 +128,21 @@ class EdgeModel:
         for where, described in ((sidecar_path(path).name, sidecar), ("the model's metadata", (metadata or {}).get("extra"))):
             _check_io_facts(path, where, described, tensors)
         facts = (metadata or {}).get("extra") or sidecar or {}
-        labels = (metadata or {}).get("labels") or (sidecar or {}).get("labels")
+        given_labels, given_prep = labels, prep
+        labels = (metadata or {}).get("labels") or (sidecar or {}).get("labels") or given_labels
         model = cls(path=path, interpreter=interpreter, backend=backend_name,
                     labels=_check_labels(path, labels, int(outputs[0]["shape"][-1])),
-                    prep=_prep(path, metadata, sidecar, inputs[0]), threshold=None,
+                    prep=_prep(path, metadata, sidecar, inputs[0], given_prep), threshold=None,
                     input=tensors["input"], output=tensors["output"],
                     kind=kind, sha256=digest, size_bytes=len(data), facts=facts, has_metadata=metadata is not None)
         model.threshold = _check_threshold(path, facts.get("threshold", (sidecar or {}).get("threshold")), model.labels)
+        model.uncertain_margin = _check_uncertain_margin(
+            path, facts.get("uncertain_margin", (sidecar or {}).get("uncertain_margin")), model.threshold, model.labels)
+        gate = (sidecar or {}).get("gate")
+        if isinstance(gate, dict) and gate.get("passed") is False:
+            model.warnings.append(f"{path}: this int8 model lost {gate.get('accuracy_loss', 0):.1%} accuracy against the "
+                                  f"float model on validation, more than the export gate of {gate.get('gate', 0):.1%}; "
+                                  "see the export report before relying on it")
         return model
 
     @property
@@ -148,6 +179,15 @@ class EdgeModel:
         """File path or bytes -> this model's float32 input (the one shared preprocessing)."""
         return preprocess(source, self.prep)
 
+    def input_from_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 H x W x 3 pixels (preprocess.resize) -> the input tensor: bit-identical to
+        quantize_input(normalize(pixels)), without the float round trip (edge_runtime.pixels)."""
+        if self._pixel_input is None:
+            from edge_runtime.pixels import PixelInput
+
+            self._pixel_input = PixelInput.for_model(self)
+        return self._pixel_input(pixels)
+
     def predict_file(self, source) -> np.ndarray:
         return self.predict(self.prepare(source))[0]
 
@@ -163,12 +203,54 @@ class EdgeModel:
         others[positive] = -np.inf
         return int(np.argmax(others))
 
+    def is_uncertain(self, probs) -> bool | None:
+        """Whether this answer falls inside the model's uncertain band (None: the model has none)."""
+        return uncertain_flag(probs, self.uncertain_margin, self.threshold, self.labels)
+
     def info(self) -> dict:
         return {"path": os.fsdecode(self.path), "backend": self.backend, "kind": self.kind,
                 "labels": self.labels, "preprocessing": self.prep.to_dict(), "threshold": self.threshold,
+                "decision_rule": decision_rule(self.labels, self.threshold), "uncertain_margin": self.uncertain_margin,
                 "input": self.input.to_dict(), "output": self.output.to_dict(), "sha256": self.sha256,
                 "size_bytes": self.size_bytes, "metadata": self.has_metadata,
                 "variant": self.facts.get("variant")}
+
+
+def decision_rule(labels: list[str], threshold: dict | None) -> str:
+    """The rule behind an answer, in words: shown beside it so a thresholded answer is never read
+    as "the highest bar wins"."""
+    if threshold is None:
+        return "highest probability"
+    positive = threshold["positive"]
+    others = [label for label in labels if label != positive]
+    otherwise = others[0] if len(others) == 1 else "the most probable other class"
+    return f"{positive} if p({positive}) >= {threshold['value']:g}, else {otherwise}"
+
+
+def uncertain_flag(probs, margin: float | None, threshold: dict | None, labels: list[str]) -> bool | None:
+    """True when the answer's margin (edge_runtime.decision.margins) is below the model's
+    uncertain band; None when the model has no band."""
+    if margin is None:
+        return None
+    return bool(uncertain(np.asarray(probs, dtype=np.float64).reshape(1, -1), margin, threshold, list(labels))[0])
+
+
+def prediction_record(model, probs, top_k: int | None = None) -> dict:
+    """One image's answer, the same for `predict` and the field server: the label the model's
+    rule chose (`index` into the labels, its `probability`), every class's probability, the
+    `top_k` most probable classes (default all) as [{"label", "probability"}], the decision rule
+    in words and `uncertain` (true/false; null when the model has no band). `model`: anything with
+    .labels, .threshold, .uncertain_margin and .decide(probs). Probabilities are the model's own
+    float32 values, unrounded: outputs of two devices can be compared exactly."""
+    probs = np.asarray(probs, dtype=np.float32).reshape(-1)
+    labels = [str(label) for label in model.labels]
+    index = int(model.decide(probs))
+    ranked = sorted(range(len(labels)), key=lambda i: -probs[i])[:top_k or len(labels)]
+    return {"label": labels[index], "index": index, "probability": float(probs[index]),
+            "probabilities": {label: float(p) for label, p in zip(labels, probs)},
+            "top": [{"label": labels[i], "probability": float(probs[i])} for i in ranked],
+            "decision_rule": decision_rule(labels, model.threshold),
+            "uncertain": uncertain_flag(probs, model.uncertain_margin, model.threshold, labels)}
 
 
 def to_probabilities(y: np.ndarray) -> np.ndarray:
@@ -185,14 +267,25 @@ def to_probabilities(y: np.ndarray) -> np.ndarray:
 
 
 def _read_model_bytes(path: Path) -> bytes:
-    if not path.exists():
-        raise ModelError(f"{path}: model file not found; check the path")
-    if path.is_dir():
+    # From its stat first: reading a FIFO blocks until a writer comes, a device never ends.
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: model file not found; check the path") from None
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read the model ({e.strerror or e}); check the path") from None
+    if stat.S_ISDIR(st.st_mode):
         raise ModelError(f"{path}: is a folder; pass the .tflite file inside it")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelError(f"{path}: not a regular file (a pipe or a device); pass the .tflite file itself")
+    if st.st_size > MAX_MODEL_BYTES:
+        raise ModelError(f"{path}: {st.st_size} bytes is larger than any TFLite model can be (2 GiB); pass the .tflite file")
     try:
         data = path.read_bytes()
     except PermissionError:
         raise ModelError(f"{path}: permission denied; make the model readable") from None
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read the model ({e.strerror or e}); copy it again") from None
     if len(data) < 8 or data[4:8] != MODEL_IDENTIFIER:
         raise ModelError(f"{path}: not a TFLite model (no {MODEL_IDENTIFIER.decode()} flatbuffer identifier; "
                          f"{len(data)} bytes); pass a .tflite file, or re-copy it if the copy is damaged")
@@ -207,6 +300,9 @@ def _read_sidecar(path: Path) -> dict | None:
     sidecar = sidecar_path(path)
     if not sidecar.is_file():
         return None
+    if sidecar.stat().st_size > MAX_SIDECAR_BYTES:
+        raise ModelError(f"{sidecar}: {sidecar.stat().st_size} bytes is too large for a model sidecar; "
+                         "re-export the model or delete the sidecar")
     try:
         facts = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -217,8 +313,16 @@ def _read_sidecar(path: Path) -> dict | None:
 
 
 def _check_sidecar_hash(path: Path, sidecar: dict | None, digest: str) -> None:
-    expected = (sidecar or {}).get("sha256")
-    if expected and expected != digest:
+    """A sidecar is used only if it names this very file: without the hash, a sidecar written by
+    hand or for another export (labels in another order) would silently relabel every answer."""
+    if sidecar is None:
+        return
+    expected = sidecar.get("sha256")
+    if not expected:
+        raise ModelError(f"{path}: {sidecar_path(path).name} does not name the model's sha256, so it may describe "
+                         "another model (labels in another order); re-export the model (oncolite export), "
+                         f"or add \"sha256\": \"{digest}\" to it once its labels are checked against training")
+    if expected != digest:
         raise ModelError(f"{path}: sha256 {digest[:12]}... does not match {sidecar_path(path).name} "
                          f"({str(expected)[:12]}...): the model changed or the copy is incomplete; "
                          "copy the model and its sidecar together again, or re-export")
@@ -293,7 +397,7 @@ def _check_io_facts(path: Path, where: str, described: dict | None, tensors: dic
 def _check_labels(path: Path, labels, num_outputs: int) -> list[str]:
     if not labels:
         raise ModelError(f"{path}: no labels in the model's metadata or in {sidecar_path(path).name}; "
-                         "re-export the model with metadata (oncolite export)")
+                         "re-export the model with metadata (oncolite export), or give its labels (--labels)")
     labels = [str(label) for label in labels]
     if len(labels) != num_outputs:
         raise ModelError(f"{path}: {len(labels)} labels {labels} but the model has {num_outputs} outputs; "
@@ -301,18 +405,35 @@ def _check_labels(path: Path, labels, num_outputs: int) -> list[str]:
     return labels
 
 
-def _prep(path: Path, metadata: dict | None, sidecar: dict | None, details: dict) -> Preprocessing:
+def _prep(path: Path, metadata: dict | None, sidecar: dict | None, details: dict,
+          given: Preprocessing | None = None) -> Preprocessing:
     height, width = int(details["shape"][1]), int(details["shape"][2])
     if metadata is not None:
         prep = metadata["prep"]
     elif sidecar and sidecar.get("preprocessing"):
         prep = Preprocessing.from_dict(sidecar["preprocessing"])
     else:
-        prep = Preprocessing(height=height, width=width)
+        # Given for a bare model: its normalization, at the input tensor's size.
+        prep = Preprocessing(height, width, given.mean, given.std, given.resample) if given else \
+            Preprocessing(height=height, width=width)
     if (prep.height, prep.width) != (height, width):
         raise ModelError(f"{path}: preprocessing says {prep.height}x{prep.width} but the input tensor is "
                          f"{height}x{width}; re-export the model")
     return prep
+
+
+def _check_uncertain_margin(path: Path, margin, threshold: dict | None, labels: list[str]) -> float | None:
+    if margin is None:
+        return None
+    ok = (isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.isfinite(margin)
+          and 0.0 <= margin <= 1.0)
+    if not ok:
+        raise ModelError(f"{path}: uncertain_margin {margin!r} is not a number from 0 to 1 (or null for no band); "
+                         "re-export the model")
+    if threshold is not None and len(labels) != 2:
+        raise ModelError(f"{path}: an uncertain band with a threshold needs a binary model, not {len(labels)} classes; "
+                         "re-export the model")
+    return float(margin)
 
 
 def _check_threshold(path: Path, threshold, labels: list[str]) -> dict | None:
@@ -344,7 +465,6 @@ def main(args) -> int:
     if args.json:
         print_json(info)
         return EXIT_OK
-    threshold = info["threshold"]
     say(args,
         f"model        {info['path']} ({info['size_bytes']} bytes, sha256 {info['sha256'][:16]}...)",
         f"kind         {info['kind']}{' / ' + info['variant'] if info['variant'] else ''}; backend {info['backend']}",
@@ -352,16 +472,17 @@ def main(args) -> int:
         f"input        {_tensor_line(info['input'])}",
         f"output       {_tensor_line(info['output'])}",
         f"preprocess   {model.prep.height}x{model.prep.width} {model.prep.resample}, mean {list(model.prep.mean)} std {list(model.prep.std)}",
-        f"threshold    {_threshold_text(threshold)}",
+        f"decision     {info['decision_rule']}",
+        f"uncertain    {_band_text(info['uncertain_margin'])}",
         f"metadata     {'standard TFLite metadata' if info['metadata'] else 'none (sidecar JSON used)'}",
         "checks       passed")
     return EXIT_OK
 
 
-def _threshold_text(threshold: dict | None) -> str:
-    if threshold is None:
-        return "none (argmax)"
-    return f"{threshold['positive']} if p({threshold['positive']}) >= {threshold['value']:g}"
+def _band_text(margin: float | None) -> str:
+    if margin is None:
+        return "no band (the model's metadata has no uncertain_margin)"
+    return f"answers with a margin below {margin:g} are flagged: review them on a second reader"
 
 
 def _tensor_line(t: dict) -> str:

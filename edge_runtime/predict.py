@@ -1,25 +1,55 @@
 """`python -m edge_runtime predict [MODEL] PATH...`: classify files, folders (recursive) and globs.
 
-One line per image (label, probability, top-k, latency) as a table, `--json` or `--csv`. A file
-that cannot be read is listed with the reason and never stops the batch; the exit code says
+One row per image (label, probability, uncertain flag, top-k, latency) as a table, `--csv` or
+`--json` (JSON Lines), written and flushed the moment the image is classified: an interrupted
+run loses at most the image in flight, and `--skip-done` resumes it from its own output. A file
+that cannot be read is listed with the reason and never stops the batch; files in a folder that
+are not images by name are reported as skipped, never silently dropped. The exit code says
 what happened: 0 all classified, 1 some (or all) files failed, 2 nothing to do / bad model.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
+import fcntl
 import glob
+import io
+import json
 import os
+import stat
 import sys
 import time
+from collections import Counter
 
 from edge_runtime.backends import BACKENDS, RESOLVERS
-from edge_runtime.console import add_output_flags, print_json, printable, progress
+from edge_runtime.console import add_output_flags, printable, progress
 from edge_runtime.errors import EXIT_OK, EXIT_SOME_FAILED, ImageError, OncoliteError
-from edge_runtime.preprocess import is_image_name
+from edge_runtime.preprocess import FORMATS_TEXT, IMAGE_SUFFIXES, is_image_name
+
+EPILOG = f"""\
+images: {FORMATS_TEXT} (animated: the first frame); any other file gets a one-line error.
+A folder is searched for {' '.join(sorted(IMAGE_SUFFIXES))} files;
+its other files are reported as skipped.
+
+output: one row per image, written as soon as it is classified: a table, --csv
+(flushed per image) or --json (JSON Lines: a "model" line, then one "result",
+"error" or "skipped" line per file, then a "summary" line). Every answer carries
+the decision rule (highest probability, or the model's threshold) and, for a
+model with an uncertain band, whether it is uncertain (review on a second reader).
+
+resume: an interrupted run (Ctrl+C, a kill, a power cut) loses at most the image
+in flight. Run the same command again, from the same folder, with --skip-done OUT,
+OUT being its --csv or --json output: files OUT lists as classified are skipped,
+files that failed are tried again. Appending to OUT itself works:
+  predict MODEL FOLDER --csv > out.csv                         (interrupted)
+  predict MODEL FOLDER --csv --skip-done out.csv >> out.csv    (finishes it)
+"""
 
 
 def add_arguments(parser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("paths", nargs="+", metavar="[MODEL] PATH",
                         help="a .tflite model (optional: default the shipped BUSI int8 model), then image files, "
                              "folders (searched recursively) or globs")
@@ -29,28 +59,65 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resolver", choices=RESOLVERS, default="default",
                         help="'reference' kernels are slower but bit-identical across CPUs")
     parser.add_argument("--top-k", type=int, default=3, help="how many classes to list per image (default 3)")
-    parser.add_argument("--csv", action="store_true", help="print CSV on stdout")
+    parser.add_argument("--csv", action="store_true", help="print CSV on stdout, one row per image as it is classified "
+                                                           "(--json prints JSON Lines, see 'output' below)")
+    parser.add_argument("--skip-done", metavar="OUT",
+                        help="an earlier --csv or --json output: skip the files it lists as classified (see 'resume' below)")
     add_output_flags(parser)
 
 
 def main(args) -> int:
-    from edge_runtime.model import EdgeModel, default_model_path
+    from edge_runtime.model import EdgeModel, decision_rule, default_model_path
 
+    if args.top_k < 1:
+        raise OncoliteError(f"--top-k {args.top_k}: give 1 or more classes to list")
     model_path, paths = split_model_argument(args.model, args.paths)
-    files = find_inputs(paths)
+    files, skipped = find_inputs(paths)
+    done, appending = set(), False
+    if args.skip_done:
+        done = read_done(args.skip_done)
+        appending = continue_output(args.skip_done)
+    todo = [f for f in files if printable(f) not in done]
     model = EdgeModel.load(model_path or default_model_path(), backend=args.backend,
                            threads=args.threads, resolver=args.resolver)
-    results = [classify(model, f, args.top_k) for f in
-               progress(files, desc="predict", quiet=args.quiet or args.json, unit="img")]
-    failed = [r for r in results if "error" in r]
+    for warning in model.warnings:  # stderr in every mode: --json and --quiet are about stdout
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    rule = decision_rule(model.labels, model.threshold)
+    writer = csv.writer(sys.stdout) if args.csv else None
+    width = min(max((len(printable(f)) for f in todo), default=4), 60)
     if args.json:
-        print_json({"model": os.fsdecode(model.path), "backend": model.backend, "labels": model.labels,
-                    "threshold": model.threshold, "results": results,
-                    "summary": {"images": len(results), "classified": len(results) - len(failed), "failed": len(failed)}})
+        emit_json({"type": "model", "model": os.fsdecode(model.path), "sha256": model.sha256, "backend": model.backend,
+                   "labels": model.labels, "threshold": model.threshold, "decision_rule": rule,
+                   "uncertain_margin": model.uncertain_margin})
+        for path, reason in skipped:
+            emit_json({"type": "skipped", "file": printable(path), "reason": reason})
     elif args.csv:
-        write_csv(sys.stdout, results, model.labels)
+        if not appending:
+            writer.writerow(csv_header(model.labels))
     else:
-        print_table(results, quiet=args.quiet)
+        print(f"decision rule: {rule}" + (f"; uncertain below a margin of {model.uncertain_margin:g}"
+                                          if model.uncertain_margin is not None else ""))
+        print(f"{'file':<{width}}  {'label':<12} {'p':>6}  {'':9}  {'ms':>7}  top-k", flush=True)
+    failed = []
+    bar = progress(todo, desc="predict", quiet=args.quiet or args.json, unit="img")
+    for path in bar:
+        record = classify(model, path, args.top_k)
+        if record["type"] == "error":
+            failed.append(record)
+        if args.json:
+            emit_json(record)
+        elif args.csv:
+            writer.writerow(csv_row(record, model.labels))
+            sys.stdout.flush()
+        elif record["type"] == "result":
+            bar.write(table_row(record, width), file=sys.stdout)
+            sys.stdout.flush()
+    summary = {"images": len(todo), "classified": len(todo) - len(failed), "failed": len(failed),
+               "skipped": len(skipped), "already_done": len(files) - len(todo)}
+    if args.json:
+        emit_json({"type": "summary", **summary})
+    else:
+        finish_table(summary, failed, skipped, to_stdout=not args.csv, quiet=args.quiet)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
@@ -61,35 +128,131 @@ def split_model_argument(model: str | None, paths: list[str]) -> tuple[str | Non
     return model, paths
 
 
-def find_inputs(paths: list[str]) -> list[str]:
+def find_inputs(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Expand folders (recursively, image suffixes only, symlinked folders not followed: no loops)
-    and globs; a named file is kept whatever it is, so a bad one gets reported, not dropped."""
-    files = []
+    and globs; a named file is kept whatever it is, so a bad one gets reported, not dropped.
+    Returns (files, skipped): skipped are the (path, reason) of a folder's other files."""
+    files, skipped = [], []
     for path in paths:
         if os.path.isdir(path):
-            files += _walk_images(path)
+            found, passed_over = _walk_images(path)
+            files += found
+            skipped += passed_over
         elif os.path.lexists(path) or not glob.has_magic(path):
             files.append(path)
         else:
             files += sorted(p for p in glob.glob(path, recursive=True) if not os.path.isdir(p))
     if not files:
-        raise OncoliteError(f"no images found in {', '.join(printable(p) for p in paths) or 'the arguments'}; "
-                            "pass image files, folders or globs")
-    return files
+        also = f" ({skipped_summary(skipped)})" if skipped else ""
+        raise OncoliteError(f"no images found in {', '.join(printable(p) for p in paths) or 'the arguments'}{also}; "
+                            f"pass image files, folders or globs ({FORMATS_TEXT})")
+    return files, skipped
 
 
-def _walk_images(folder: str) -> list[str]:
-    found = []
+def _walk_images(folder: str) -> tuple[list[str], list[tuple[str, str]]]:
+    found, skipped = [], []
     for root, dirs, names in os.walk(folder, followlinks=False):
         dirs.sort()
-        # Hidden files are not inputs: an atomic writer's temporaries, macOS's ._ resource forks.
-        found += [os.path.join(root, n) for n in sorted(names)
-                  if not n.startswith(".") and is_image_name(n)]
-    return found
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            # Hidden files are not inputs: an atomic writer's temporaries, macOS's ._ resource forks.
+            if name.startswith("."):
+                skipped.append((path, "hidden file"))
+            elif is_image_name(name):
+                found.append(path)
+            else:
+                skipped.append((path, "not an image by its suffix"))
+    return found, skipped
+
+
+def skipped_summary(skipped: list[tuple[str, str]]) -> str:
+    """'skipped 3 file(s) by name (.txt: 2, .dcm: 1) and 1 hidden file(s), e.g. data/notes.txt'."""
+    hidden = sum(reason == "hidden file" for _, reason in skipped)
+    suffixes = Counter(os.path.splitext(path)[1].lower() or "no suffix"
+                       for path, reason in skipped if reason != "hidden file")
+    parts = []
+    if suffixes:
+        counts = ", ".join(f"{suffix}: {n}" for suffix, n in sorted(suffixes.items(), key=lambda kv: (-kv[1], kv[0])))
+        parts.append(f"{sum(suffixes.values())} file(s) that are not images by their suffix ({counts})")
+    if hidden:
+        parts.append(f"{hidden} hidden file(s)")
+    return f"skipped {' and '.join(parts)}, e.g. {printable(skipped[0][0])}"
+
+
+def read_done(path: str) -> set[str]:
+    """The files an earlier --csv or --json output lists as classified. A last line cut short
+    by a kill is not a result; a file that failed is not done."""
+    name = printable(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise OncoliteError(f"--skip-done {name}: file not found; pass the --csv or --json output of an earlier run") from None
+    except OSError as e:
+        raise OncoliteError(f"--skip-done {name}: cannot read it ({e.strerror}); check the path") from None
+    if not stat.S_ISREG(mode):  # a FIFO would block
+        raise OncoliteError(f"--skip-done {name}: not a regular file; pass the saved output of an earlier run")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise OncoliteError(f"--skip-done {name}: cannot read it ({e}); pass the --csv or --json output of an earlier run") from None
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    if first.lstrip().startswith("{"):
+        return _done_in_json_lines(name, lines)
+    rows = csv.DictReader(io.StringIO(text))
+    if first and not {"file", "label", "error"} <= set(rows.fieldnames or ()):
+        raise OncoliteError(f"--skip-done {name}: neither predict --csv output (no file, label and error columns) "
+                            "nor --json lines; pass the output of an earlier run")
+    # A row a kill cut short lacks its last columns (None).
+    return {row["file"] for row in rows if None not in row.values() and row["label"] and not row["error"]}
+
+
+def _done_in_json_lines(name: str, lines: list[str]) -> set[str]:
+    done = set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the line a kill cut short
+                break
+            raise OncoliteError(f"--skip-done {name}: line {number} is not JSON; pass the --json output of an earlier run") from None
+        if isinstance(record, dict) and record.get("type") == "result" and isinstance(record.get("file"), str):
+            done.add(record["file"])
+    return done
+
+
+def continue_output(path: str) -> bool:
+    """True when stdout is appending to `path` (`--skip-done OUT >> OUT`): no second CSV header,
+    and a line a kill cut short is ended first so the next row starts on its own line."""
+    try:
+        out = os.fstat(sys.stdout.fileno())
+        flags = fcntl.fcntl(sys.stdout.fileno(), fcntl.F_GETFL)
+    except (OSError, ValueError):  # not a real file (a test's captured stdout)
+        return False
+    st = os.stat(path)
+    if (out.st_dev, out.st_ino) != (st.st_dev, st.st_ino):
+        return False
+    if not flags & os.O_APPEND:
+        print(f"warning: {printable(path)} is also the output, opened with '>' which emptied it before it could be read: "
+              "every file is classified again (use '>>' to append)", file=sys.stderr)
+        return False
+    if st.st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            sys.stdout.write("\n")
+    return True
 
 
 def classify(model, path: str, top_k: int) -> dict:
-    """One image -> its result row, or a row with `error` (the batch goes on)."""
+    """One image -> its record (edge_runtime.model.prediction_record plus file and timings), or
+    an error record (the batch goes on)."""
+    from edge_runtime.model import prediction_record
+
     name = printable(path)
     try:
         started = time.perf_counter()
@@ -98,40 +261,48 @@ def classify(model, path: str, top_k: int) -> dict:
         probs = model.run(tensor)
         finished = time.perf_counter()
     except ImageError as e:
-        return {"file": name, "error": printable(str(e))}
-    index = model.decide(probs)
-    ranked = sorted(range(len(probs)), key=lambda i: -probs[i])[:max(top_k, 1)]
-    return {"file": name, "label": model.labels[index], "index": index, "probability": float(probs[index]),
-            "probabilities": {label: float(p) for label, p in zip(model.labels, probs)},
-            "top_k": [[model.labels[i], float(probs[i])] for i in ranked],
+        return {"type": "error", "file": name, "error": printable(str(e))}
+    return {"type": "result", "file": name, **prediction_record(model, probs, top_k),
             "preprocess_ms": round((prepared - started) * 1000, 3), "inference_ms": round((finished - prepared) * 1000, 3)}
 
 
-def print_table(results: list[dict], quiet: bool = False) -> None:
-    ok = [r for r in results if "error" not in r]
-    if ok:
-        width = min(max(len(r["file"]) for r in ok), 60)
-        print(f"{'file':<{width}}  {'label':<12} {'p':>6}  {'ms':>7}  top-k")
-        for r in ok:
-            top = ", ".join(f"{label} {p:.3f}" for label, p in r["top_k"])
-            print(f"{r['file']:<{width}}  {r['label']:<12} {r['probability']:6.3f}  {r['inference_ms']:7.2f}  {top}")
-    failed = [r for r in results if "error" in r]
-    if failed:
-        print(f"\n{len(failed)} of {len(results)} file(s) could not be classified:")
+def emit_json(record: dict) -> None:
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+def _flag(uncertain: bool | None) -> str:
+    return "" if uncertain is None else "true" if uncertain else "false"
+
+
+def table_row(r: dict, width: int) -> str:
+    top = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
+    flag = "uncertain" if r["uncertain"] else ""
+    return f"{r['file']:<{width}}  {r['label']:<12} {r['probability']:6.3f}  {flag:<9}  {r['inference_ms']:7.2f}  {top}"
+
+
+def finish_table(summary: dict, failed: list[dict], skipped: list[tuple[str, str]], to_stdout: bool, quiet: bool) -> None:
+    """The end of a table (on stdout) or of CSV (the notes go to stderr: stdout is data)."""
+    out = sys.stdout if to_stdout else sys.stderr
+    if failed and to_stdout:
+        print(f"\n{len(failed)} of {summary['images']} file(s) could not be classified:", file=out)
         for r in failed:
-            print(f"  {r['error']}")
-    elif not quiet:
-        print(f"\n{len(ok)} image(s) classified")
+            print(f"  {r['error']}", file=out)
+    elif not quiet and to_stdout:
+        print(f"\n{summary['classified']} image(s) classified", file=out)
+    if summary["already_done"] and not quiet:
+        print(f"{summary['already_done']} file(s) already classified in --skip-done, not repeated", file=out)
+    if skipped:
+        print(skipped_summary(skipped), file=out)
 
 
-def write_csv(stream, results: list[dict], labels: list[str]) -> None:
-    writer = csv.writer(stream)
-    writer.writerow(["file", "label", "probability", *[f"p_{label}" for label in labels],
-                     "preprocess_ms", "inference_ms", "error"])
-    for r in results:
-        if "error" in r:
-            writer.writerow([r["file"], "", "", *[""] * len(labels), "", "", r["error"]])
-        else:
-            writer.writerow([r["file"], r["label"], f"{r['probability']:.6f}",
-                             *[f"{r['probabilities'][label]:.6f}" for label in labels],
-                             r["preprocess_ms"], r["inference_ms"], ""])
+def csv_header(labels: list[str]) -> list[str]:
+    return ["file", "label", "probability", *[f"p_{label}" for label in labels], "uncertain", "decision_rule",
+            "preprocess_ms", "inference_ms", "error"]
+
+
+def csv_row(r: dict, labels: list[str]) -> list:
+    if r["type"] == "error":
+        return [r["file"], "", "", *[""] * len(labels), "", "", "", "", r["error"]]
+    return [r["file"], r["label"], f"{r['probability']:.6f}", *[f"{r['probabilities'][label]:.6f}" for label in labels],
+            _flag(r["uncertain"]), r["decision_rule"], r["preprocess_ms"], r["inference_ms"], ""]

@@ -23,9 +23,14 @@ DEFAULT_DATA = REPO_ROOT / "data" / "busi"
 STAGES = ("audit", "split", "train", "evaluate", "quantize", "export", "benchmark", "report")
 # The headline numbers of the summary table and of the shipped README table.
 # Folds after the first export and time only what the float-vs-int8 question needs: the
-# comparison variants (fp16, dynamic) and the latency figures come from fold 0.
-CV_VARIANTS = "fp32,int8_ptq,int8_qat"
-SUMMARY_VARIANTS = ("keras_float", "tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8_ptq", "tflite_int8_qat")
+# comparison variants (fp16, dynamic), the uint8 twin and the latency figures come from fold 0.
+CV_VARIANTS = "fp32,int8_ptq,int8_gptq,int8_qat,int8"
+FIRST_FOLD_VARIANTS = "fp32,fp16,dynamic,int8_ptq,int8_gptq,int8_qat,int8,int8_uint8"
+SUMMARY_VARIANTS = ("keras_float", "tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8_ptq", "tflite_int8_gptq",
+                    "tflite_int8_qat", "tflite_int8")
+# What `--publish NAME` ships in models/NAME: the int8 model export chose, its uint8-I/O twin
+# (MediaPipe Tasks, the browser), and the fp32 reference.
+PUBLISHED_VARIANTS = ("int8", "int8_uint8", "fp32")
 
 
 def add_arguments(parser) -> None:
@@ -43,7 +48,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting of the run's config (repeatable; see `oncolite train --help`)")
     parser.add_argument("--publish", metavar="NAME",
-                        help="copy the fold-0 int8 QAT and fp32 models to models/NAME/ and the reports to reports/NAME/")
+                        help="copy fold 0's int8, int8_uint8 and fp32 models to models/NAME/ and the reports to reports/NAME/")
     add_output_flags(parser)
 
 
@@ -57,13 +62,20 @@ def main(args) -> int:
         raise OncoliteError(f"{data}: no such dataset; pass a dataset folder or CSV (default: {DEFAULT_DATA})")
     dataset = args.dataset or _dataset_name(data)
     run = Path(args.run or REPO_ROOT / "runs" / f"{dataset or data.name}-{profile}{'-random' if args.random else ''}")
+    from train.config import load_config, parse_overrides
+
+    load_config(dataset=dataset, profile=profile, overrides=parse_overrides(args.set))  # every setting, before any work
     run.mkdir(parents=True, exist_ok=True)
     folds = args.folds or _profile_folds(dataset, profile)
     fold_dirs = [run] if folds == 1 else [run / "folds" / str(i) for i in range(folds)]
     state = _load_state(run)
+    settings = {"data": str(data.resolve()), "profile": profile, "dataset": dataset, "folds": folds,
+                "seed": args.seed, "random": bool(args.random), "set": sorted(args.set)}
+    check_same_settings(run, state, settings, args.from_stage)
+    state["settings"] = settings
     if args.from_stage:
         redo = STAGES[STAGES.index(args.from_stage):]
-        state = {k: v for k, v in state.items() if k.split("/")[-1] not in redo}
+        state = {k: v for k, v in state.items() if k == "settings" or k.split("/")[-1] not in redo}
         _save_state(run, state)
         for fold_dir in fold_dirs:
             forget(fold_dir, redo)
@@ -73,18 +85,23 @@ def main(args) -> int:
     plan = [("audit", ["audit", str(data), "--out", str(run / "audit")]),
             ("split", ["split", str(data), "--out", str(manifest), "--folds", str(max(folds, 5)),
                        "--seed", str(args.seed), *(["--random"] if args.random else [])])]
+    # Stage by stage across the folds: every float model is trained (the expensive, settled part)
+    # before the first quantization, so the float CV results never wait on a later stage.
+    per_fold = {stage: [] for stage in ("train", "evaluate", "quantize", "export", "benchmark")}
     for i, fold_dir in enumerate(fold_dirs):
         prefix = "" if folds == 1 else f"fold{i}/"
         resume = ["--resume", str(fold_dir)] if (fold_dir / "train" / "state").exists() else []
         qat_resume = ["--resume"] if (fold_dir / "models" / "qat_state" / "state.json").exists() else []
-        plan += [(f"{prefix}train", ["train", "--manifest", str(manifest), "--run", str(fold_dir),
-                                     "--profile", profile, *(["--dataset", dataset] if dataset else []), "--fold", str(i), *resume,
-                                     *(f"--set={pair}" for pair in args.set)]),
-                 (f"{prefix}evaluate", ["evaluate", str(fold_dir)]),
-                 (f"{prefix}quantize", ["quantize", str(fold_dir), *qat_resume]),
-                 (f"{prefix}export", ["export", str(fold_dir), *([] if i == 0 else ["--variants", CV_VARIANTS])]),
-                 (f"{prefix}benchmark", ["benchmark", str(fold_dir),
-                                         *([] if i == 0 else ["--threads", "none"])])]
+        per_fold["train"].append((f"{prefix}train", ["train", "--manifest", str(manifest), "--run", str(fold_dir),
+                                                     "--profile", profile, *(["--dataset", dataset] if dataset else []),
+                                                     "--fold", str(i), *resume, *(f"--set={pair}" for pair in args.set)]))
+        per_fold["evaluate"].append((f"{prefix}evaluate", ["evaluate", str(fold_dir)]))
+        per_fold["quantize"].append((f"{prefix}quantize", ["quantize", str(fold_dir), *qat_resume]))
+        per_fold["export"].append((f"{prefix}export", ["export", str(fold_dir),
+                                                       "--variants", FIRST_FOLD_VARIANTS if i == 0 else CV_VARIANTS]))
+        per_fold["benchmark"].append((f"{prefix}benchmark", ["benchmark", str(fold_dir),
+                                                             *([] if i == 0 else ["--threads", "none"])]))
+    plan += [step for steps in per_fold.values() for step in steps]
 
     started = time.monotonic()
     for n, (key, argv) in enumerate(plan, 1):
@@ -102,6 +119,7 @@ def main(args) -> int:
         _save_state(run, state)
 
     summary = summarize(run, fold_dirs)
+    summary["warnings"] = int8_warnings(fold_dirs)
     summary["profile"] = profile
     summary["seconds"] = round(time.monotonic() - started, 1)
     write_json(run / "report.json", summary)
@@ -113,7 +131,31 @@ def main(args) -> int:
     elif not args.quiet:
         print(summary_markdown(summary))
         print(f"run directory: {run}")
+    for warning in summary["warnings"]:
+        print(f"oncolite run: warning: {warning}", file=sys.stderr)
     return EXIT_OK
+
+
+# The first stage each setting feeds: a change there means redoing from that stage on.
+FIRST_STAGE_OF = {"data": "audit", "seed": "split", "random": "split", "folds": "split", "profile": "train",
+                  "dataset": "train", "set": "train"}
+
+
+def check_same_settings(run: Path, state: dict, settings: dict, from_stage: str | None) -> None:
+    """A finished stage is reused only under the settings it ran with: refuse a re-run whose
+    settings changed, unless --from redoes every stage they feed."""
+    before = state.get("settings")
+    if not before or not any(v.get("status") == "done" for k, v in state.items() if k != "settings"):
+        return
+    changed = [key for key in settings if before.get(key) != settings[key]]
+    if not changed:
+        return
+    first = min((FIRST_STAGE_OF[key] for key in changed), key=STAGES.index)
+    if from_stage and STAGES.index(from_stage) <= STAGES.index(first):
+        return
+    what = "; ".join(f"{key}: {before.get(key)!r} -> {settings[key]!r}" for key in changed)
+    raise OncoliteError(f"{run}: its finished stages ran with other settings ({what}); redo them with "
+                        f"--from {first} (or an earlier stage), or give a new --run")
 
 
 def forget(fold_dir: Path, stages) -> None:
@@ -128,9 +170,26 @@ def forget(fold_dir: Path, stages) -> None:
                 sidecar.unlink()
 
 
+def int8_warnings(fold_dirs: list[Path]) -> list[str]:
+    """In plain words: every fold whose shipped int8 model still loses more than the export gate."""
+    warnings = []
+    for fold_dir in fold_dirs:
+        path = fold_dir / "models" / "export_report.json"
+        report = json.loads(path.read_text()) if path.is_file() else {}
+        chosen = (report.get("int8") or {})
+        if chosen.get("over_gate"):
+            warnings.append(f"{fold_dir}: the shipped int8 model ({chosen['from']}) loses "
+                            f"{chosen['accuracy_loss']:.1%} accuracy against float on validation, more than the "
+                            f"gate of {report['gate']:.1%}; {path.with_suffix('.md')} says what the debugger found")
+    return warnings
+
+
 def summarize(run: Path, fold_dirs: list[Path]) -> dict:
-    """Headline numbers per variant: each fold's, and mean and spread across folds."""
+    """Headline numbers per variant: each fold's, mean and spread across folds, and pooled over
+    the folds' held-out images (benchmarks.pooled)."""
     import numpy as np
+
+    from benchmarks.pooled import load_folds, pool
 
     per_fold = [json.loads((d / "benchmark" / "report.json").read_text()) for d in fold_dirs]
     keys = ("accuracy", "mcc", "roc_auc_macro", "f1_macro", "agreement_with_float")
@@ -146,7 +205,8 @@ def summarize(run: Path, fold_dirs: list[Path]) -> dict:
         entry["latency_ms"] = first.get("latency_ms")
         entry["ci_fold0"] = first.get("ci")
         variants[name] = entry
-    return {"variants": variants, "split": per_fold[0].get("split"), "folds": len(fold_dirs),
+    pooled = pool(load_folds([d / "benchmark" for d in fold_dirs]))
+    return {"variants": variants, "pooled": pooled, "split": per_fold[0].get("split"), "folds": len(fold_dirs),
             "run": str(run), "stages": _load_state(run)}
 
 
@@ -165,13 +225,20 @@ def summary_markdown(summary: dict, command: str | None = None) -> str:
         size = f"{e['size_bytes'] / 1024:.0f}" if e.get("size_bytes") else "—"
         p50 = ((e.get("latency_ms") or {}).get("2") or {}).get("p50")
         lines.append(f"| {name} | {n} | {' | '.join(cells)} | {size} | {'—' if p50 is None else f'{p50:.2f}'} |")
+    from benchmarks.pooled import markdown as pooled_markdown
+
+    pooled = pooled_markdown(summary.get("pooled") or {})
+    if pooled:
+        lines += ["", "## Pooled over the folds", "", *pooled]
+    for warning in summary.get("warnings", []):
+        lines += ["", f"**Warning:** {warning}"]
     return "\n".join(lines) + "\n"
 
 
 def publish(run: Path, fold_dir: Path, name: str) -> None:
     """Ship the fold-0 models and every report inside the repo (models/NAME, reports/NAME)."""
     models, reports = REPO_ROOT / "models" / name, REPO_ROOT / "reports" / name
-    for variant in ("int8_qat", "fp32"):
+    for variant in PUBLISHED_VARIANTS:
         for suffix in (".tflite", ".json"):
             _copy(fold_dir / "models" / f"{variant}{suffix}", models / f"{variant}{suffix}")
     _copy(fold_dir / "benchmark" / "report.json", reports / "benchmark.json")

@@ -1,56 +1,66 @@
 """`oncolite export RUN_DIR`: TFLite variants of a run's models, each self-describing.
 
-fp32, fp16 and dynamic-range come from the float model; int8_ptq is post-training full-integer
-quantization of the float model; int8_qat converts the QAT model. int8 variants are integer
-only (TFLITE_BUILTINS_INT8) with int8 input and output by default, uint8 for accelerators
-and readers that want it (MediaPipe Tasks refuses int8 input), or float I/O. Calibration
-images come from the manifest's *training* side only, through the one preprocessing; their
-manifest paths are recorded in the sidecar, so anyone can check no test image was used.
+The variants are edge_runtime.variants' table. fp32, fp16 and dynamic-range come from the float
+model. Three full-integer candidates: int8_ptq is the converter's plain post-training
+quantization (the textbook baseline); int8_gptq rounds each conv kernel to reconstruct the
+layer's float output and corrects the biases (quantize.rounding) before the same conversion;
+int8_qat converts the QAT model. `int8`, the model to ship, is the candidate that agrees best
+with the float model on the validation side (ties: the smaller mean probability change), and
+`int8_uint8` is that model with uint8 input/output and a batch of 1 (MediaPipe Tasks and
+LiteRT.js refuse int8 inputs and dynamic batches). Integer variants are integer only
+(TFLITE_BUILTINS_INT8) with int8 I/O by default (config export.int8_io). Calibration images
+come from the manifest's *training* side only, through the one preprocessing; their manifest
+paths are recorded in the sidecar, so anyone can check no test image was used.
+
+Every integer variant carries an uncertain band (`uncertain_margin`): the largest change of its
+decision margin against the float model on the validation side. Outside the band, its decision
+is the float model's on every validation image; inside, the device flags the answer.
 
 Each variant is written atomically as models/<variant>.tflite with standard TFLite metadata
 (labels, normalization, our facts as oncolite.json) and models/<variant>.json (the sidecar).
-A variant whose sidecar is valid for the same source model and options is not redone.
+A variant whose sidecar is valid for the same source model, options and operating point
+(RUN_DIR/threshold.json) is not redone. An int8 variant that still computes in float is refused
+before it is written (unless --allow-float-ops), so models/ never holds one.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import shutil
 from pathlib import Path
+
+import numpy as np
 
 import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
-from edge_runtime.atomic import write_bytes, write_json
+from edge_runtime.atomic import atomic_path, write_bytes, write_json
 from edge_runtime.console import add_output_flags, print_json, progress, say
+from edge_runtime.decision import margin_errors
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from edge_runtime.hashing import bytes_sha256, file_sha256
 from edge_runtime.metadata import write_metadata
 from edge_runtime.model import sidecar_path
-from edge_runtime.preprocess import preprocess
+from edge_runtime.preprocess import dequantize, normalize, preprocess, quantize
 from quantize import checks
 from quantize.rundir import Run, open_run
+from edge_runtime.variants import INT8_CANDIDATES, SELECTABLE, VARIANTS, io_type
 from train.model import load_float_model
 
-VARIANTS = ("fp32", "fp16", "dynamic", "int8_ptq", "int8_qat")
-INT8_VARIANTS = ("int8_ptq", "int8_qat")
 SELECTIVE_VARIANT = "int8_ptq_selective"
 IO_CHOICES = ("int8", "uint8", "float")
 SIDECAR_FORMAT = "oncolite-model/1"
-DESCRIPTIONS = {
-    "fp32": "float32 weights and activations",
-    "fp16": "float16 weights, float32 activations",
-    "dynamic": "dynamic-range quantization: int8 weights, float activations",
-    "int8_ptq": "full-integer int8, post-training quantization",
-    "int8_qat": "full-integer int8 from quantization-aware training",
-    SELECTIVE_VARIANT: "int8 post-training quantization with named layers kept in float",
-}
+SOURCES = {"float": "float.keras", "qat": "qat.keras"}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding models/float.keras (and qat.keras)")
-    parser.add_argument("--variants", help=f"comma-separated, from {','.join(VARIANTS)} (default: config export.variants)")
+    parser.add_argument("run_dir", metavar="RUN_DIR|MODEL",
+                        help="run directory holding models/float.keras (and qat.keras), or your own model: a Keras "
+                             "file (.keras, .h5) or a SavedModel directory, with --data or --manifest")
+    parser.add_argument("--variants", help=f"comma-separated, from {','.join(SELECTABLE)} (default: config export.variants)")
     parser.add_argument("--calibration-images", type=int,
                         help="training images for int8 calibration (default: config export.calibration_images)")
     parser.add_argument("--io", choices=IO_CHOICES, help="int8 variants' input/output type (default: config export.int8_io)")
@@ -58,9 +68,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--selective", metavar="TENSOR,...",
                         help="also export int8_ptq_selective with these tensors (names from the debugger "
                              "table in export_report.md) kept in float; implies float ops in that variant")
-    parser.add_argument("--gate", type=float, default=0.01,
+    parser.add_argument("--gate", type=float,
                         help="accuracy an int8 variant may lose against float on validation before the "
-                             "quantization debugger runs (default 0.01 = 1 point)")
+                             "quantization debugger runs (default: config export.gate, e.g. 0.01 = 1 point)")
+    from quantize.byo import add_model_arguments
+
+    add_model_arguments(parser, "images in class folders: one half calibrates, the other is the validation gate "
+                                "(a bring-your-own MODEL)")
+    parser.add_argument("--manifest", metavar="M", help="a manifest whose train side calibrates and val side gates "
+                                                        "(a bring-your-own MODEL)")
     add_output_flags(parser)
 
 
@@ -73,12 +89,28 @@ def calibration_items(train_items: list[dict], count: int, seed: int) -> list[di
 
 
 def representative_dataset(items: list[dict], prep, quiet: bool = True):
-    """The converter's calibration input: each image through the one preprocessing, batch of one."""
+    """The converter's calibration input: each image through the one preprocessing, batch of one.
+
+    The first image carries one black and one white pixel: the input tensor's range then spans
+    every pixel value, so no brighter image is clipped on the device, and with the default
+    mean = std = 128 the input scale is exactly 1/128: uint8 pixels land on the int8 grid
+    without rounding (p - 128)."""
+    extremes = normalize(np.array([[[0, 0, 0], [255, 255, 255]]], dtype=np.uint8), prep)
+
     def generate():
-        for item in progress(items, desc="calibrating", quiet=quiet, unit="img"):
-            yield [preprocess(item["path"], prep)[None]]
+        for i, item in enumerate(progress(items, desc="calibrating", quiet=quiet, unit="img")):
+            x = preprocess(item["path"], prep)
+            if i == 0:
+                x[0, :2] = extremes[0]
+            yield [x[None]]
 
     return generate
+
+
+def calibration_batches(items: list[dict], prep, batch_size: int = 16):
+    """The same calibration images in batches, for quantize.rounding (one batch in memory at a time)."""
+    for start in range(0, len(items), batch_size):
+        yield np.stack([preprocess(item["path"], prep) for item in items[start:start + batch_size]])
 
 
 def manifest_relative(path, root) -> str:
@@ -88,14 +120,20 @@ def manifest_relative(path, root) -> str:
 
 # --- conversion ----------------------------------------------------------------------------
 
-def make_converter(model, variant: str, representative=None, io: str = "int8", allow_float_ops: bool = False):
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+def make_converter(model, variant: str, representative=None, io: str = "int8", allow_float_ops: bool = False,
+                   batch: int | None = None):
+    if batch is None:
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    else:  # a static batch: convert the model's function traced at that input shape
+        spec = tf.TensorSpec([batch, *model.input_shape[1:]], tf.float32)
+        function = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([function], model)
     if variant == "fp32":
         return converter
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if variant == "fp16":
         converter.target_spec.supported_types = [tf.float16]
-    elif variant in INT8_VARIANTS:
+    elif VARIANTS[variant].integer:
         # Even a QAT model needs it: it calibrates the input and output tensors.
         converter.representative_dataset = representative
         ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -119,17 +157,48 @@ def io_facts(model_bytes: bytes) -> dict:
     return {"input": describe(interpreter.get_input_details()[0]), "output": describe(interpreter.get_output_details()[0])}
 
 
-def sidecar_facts(run: Run, variant: str, model_bytes: bytes, source: dict, options: dict, calibration) -> dict:
+def run_model_bytes(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    """N x C outputs of a converted model on normalized float inputs, one image at a time,
+    quantized as the device quantizes them (before the file with metadata exists)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_bytes)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    rows = []
+    for sample in x:
+        tensor = sample[None].astype(np.float32)
+        if inp["dtype"] != np.float32:
+            tensor = quantize(tensor, *inp["quantization"], inp["dtype"])
+        interpreter.set_tensor(inp["index"], tensor)
+        interpreter.invoke()
+        y = interpreter.get_tensor(out["index"])[0]
+        rows.append(dequantize(y, *out["quantization"]) if out["dtype"] != np.float32 else y)
+    return np.asarray(rows, dtype=np.float64)
+
+
+def uncertain_margin(float_probs: np.ndarray, probs: np.ndarray, run: Run) -> float | None:
+    """The largest change of the decision margin against float on validation, rounded up to
+    0.001: outside it, every validation decision was the float model's. None without images."""
+    if len(probs) == 0:
+        return None
+    worst = float(margin_errors(float_probs, probs, run.threshold(), run.labels).max())
+    return math.ceil(worst * 1000) / 1000
+
+
+def sidecar_facts(run: Run, variant: str, model_bytes: bytes, source: dict, options: dict, calibration,
+                  band: float | None) -> dict:
     """The sidecar without the file's own hash and size (those are of the file with metadata)."""
-    return {"format": SIDECAR_FORMAT, "variant": variant, "description": DESCRIPTIONS[variant],
+    return {"format": SIDECAR_FORMAT, "variant": variant, "description": VARIANTS[variant].description,
             "labels": run.labels, "preprocessing": run.prep.to_dict(), **io_facts(model_bytes),
             "run": run.path.resolve().name, "manifest_sha256": run.manifest.sha256, "threshold": run.threshold(),
-            "source": source, "options": options, "calibration": calibration,
+            "uncertain_margin": band, "source": source, "options": options, "calibration": calibration,
             "converter": {"tensorflow": tf.__version__}}
 
 
-def already_exported(models: Path, variant: str, source: dict, options: dict) -> dict | None:
-    """The sidecar of a finished export of this variant from the same source and options, else None."""
+def already_exported(models: Path, variant: str, source: dict, options: dict, threshold) -> dict | None:
+    """The sidecar of a finished export of this variant from the same source, options and
+    operating point (a threshold chosen after the export must reach the model), else None."""
     tflite, sidecar = models / f"{variant}.tflite", models / f"{variant}.json"
     if not (tflite.exists() and sidecar.exists()):
         return None
@@ -138,7 +207,8 @@ def already_exported(models: Path, variant: str, source: dict, options: dict) ->
     except json.JSONDecodeError:
         return None
     valid = (facts.get("format") == SIDECAR_FORMAT and facts.get("source") == source
-             and facts.get("options") == options and facts.get("sha256") == file_sha256(tflite))
+             and facts.get("options") == options and facts.get("threshold") == threshold
+             and facts.get("sha256") == file_sha256(tflite))
     return facts if valid else None
 
 
@@ -163,98 +233,312 @@ def write_export(run: Run, variant: str, model_bytes: bytes, facts: dict) -> dic
 
 # --- the command ---------------------------------------------------------------------------
 
+class Validation:
+    """The run's validation side, loaded once when an integer variant first needs it: the float
+    model's probabilities there are the reference for every uncertain band and for the choice."""
+
+    def __init__(self, run: Run, float_model):
+        self.run, self.float_model, self.x, self.float_probs = run, float_model, None, None
+
+    def load(self) -> "Validation":
+        if self.x is None:
+            from train.data import load_arrays
+
+            self.x, self.y = load_arrays(self.run.sides()["val"], self.run.labels, self.run.prep, quiet=True)
+            self.float_probs = (self.float_model.predict(self.x, batch_size=32, verbose=0).astype(np.float64)
+                                if len(self.x) else np.zeros((0, len(self.run.labels))))
+        return self
+
+    def probs(self, model_bytes: bytes) -> np.ndarray:
+        return run_model_bytes(model_bytes, self.load().x)
+
+    def fidelity(self, model_bytes: bytes) -> dict:
+        """How closely a model follows the float model here: decision agreement and mean |Δp|."""
+        from edge_runtime.decision import decisions
+
+        probs, rule = self.probs(model_bytes), self.run.threshold()
+        same = decisions(probs, rule, self.run.labels) == decisions(self.float_probs, rule, self.run.labels)
+        return {"n": int(len(probs)), "agreement": float(same.mean()) if len(probs) else None,
+                "mean_abs_prob_diff": float(np.abs(probs - self.float_probs).mean()) if len(probs) else None}
+
+
 def export_variants(run: Run, variants: list[str], chosen: list[dict], io: str, allow_float_ops: bool = False,
                     selective: list[str] | None = None, quiet: bool = True) -> dict:
-    """Export each variant (skipping finished ones), int8 ones calibrated on `chosen` training
-    items; returns {variant: {status, sidecar, ops, float_ops}}."""
+    """Export each variant (skipping finished ones), integer ones calibrated on `chosen` training
+    items; `int8` and `int8_uint8` after the candidates they choose from. Returns
+    {variant: {status, sidecar, ops, float_ops}} (and "selection" for `int8`)."""
     float_model = load_float_model(run.models / "float.keras")
     calibration = {"side": "train", "count": len(chosen), "seed": int(run.config["seed"]),
                    "paths": [manifest_relative(item["path"], run.manifest.root) for item in chosen]}
     representative = representative_dataset(chosen, run.prep, quiet=quiet)
-    jobs = [(variant, None) for variant in variants]
+    validation = Validation(run, float_model)
+    jobs = [(v, None) for v in variants if VARIANTS[v].source != "int8"]
     if selective:
         jobs.append((SELECTIVE_VARIANT, selective))
     results = {}
     for variant, denylist in jobs:
-        source_name = "qat.keras" if variant == "int8_qat" else "float.keras"
-        source = {"model": f"models/{source_name}", "sha256": file_sha256(run.models / source_name)
-                  if (run.models / source_name).exists() else None}
-        int8 = variant in INT8_VARIANTS or variant == SELECTIVE_VARIANT
-        # The selective variant's float layers need float tensors around them: float I/O.
-        options = {"io": io if variant in INT8_VARIANTS else "float", "calibration_images": len(chosen) if int8 else None,
-                   "allow_float_ops": bool(allow_float_ops or denylist), "selective": denylist or None}
-        done = already_exported(run.models, variant, source, options)
-        if done is None:
-            if source["sha256"] is None:
-                raise OncoliteError(f"{run.models / source_name}: missing; run `oncolite quantize {run.path}` "
-                                    f"first or leave {variant} out of --variants")
-            model_bytes = convert_variant(run, variant, float_model, representative, options)
-            done = write_export(run, variant, model_bytes, sidecar_facts(run, variant, model_bytes, source, options,
-                                                                         calibration if int8 else None))
-            status = "exported"
-        else:
-            status = "up to date"
-        results[variant] = _with_ops(run, variant, done, int8, options, status)
+        spec = VARIANTS[variant]
+        source = model_source(run, SOURCES[spec.source])
+        options = {"io": io_type(variant, io), "calibration_images": len(chosen) if spec.integer else None,
+                   "allow_float_ops": bool(allow_float_ops or denylist), "selective": denylist or None,
+                   "rounding": spec.rounding if spec.integer else None, "batch": spec.batch}
+        results[variant] = export_one(run, variant, source, options, lambda: convert(
+            variant, load_source(run, spec.source, float_model), float_model, chosen, run.prep, representative, options),
+            calibration, validation)
+    if any(VARIANTS[v].source == "int8" for v in variants):
+        results.update(ship_int8(run, variants, float_model, chosen, representative, calibration, validation))
     return results
 
 
-def convert_variant(run: Run, variant: str, float_model, representative, options: dict) -> bytes:
+def export_one(run: Run, variant: str, source: dict, options: dict, make, calibration: dict, validation) -> dict:
+    """One variant: up to date, or converted by `make()`, checked, banded and written."""
+    spec = VARIANTS[variant]
+    done = already_exported(run.models, variant, source, options, run.threshold())
+    if done is not None:
+        ops = _ops(run, variant, (run.models / f"{variant}.tflite").read_bytes(), spec.integer, options)
+        return {"status": "up to date", "sidecar": done, **ops}
+    if source["sha256"] is None:
+        raise OncoliteError(f"{run.path / source['model']}: missing; run `oncolite quantize {run.path}` "
+                            f"first or leave {variant} out of --variants")
+    model_bytes = make()
+    ops = _ops(run, variant, model_bytes, spec.integer, options)  # refuses float ops before anything is written
+    band = uncertain_margin(validation.load().float_probs, validation.probs(model_bytes), run) if spec.integer else None
+    sidecar = write_export(run, variant, model_bytes, sidecar_facts(run, variant, model_bytes, source, options,
+                                                                    calibration if spec.integer else None, band))
+    return {"status": "exported", "sidecar": sidecar, **ops}
+
+
+def choose_int8(fidelity: dict) -> str | None:
+    """The candidate to ship: the highest validation agreement with float, then the smallest mean
+    probability change (far less noisy than agreement on a few dozen images), then table order."""
+    present = [name for name in INT8_CANDIDATES if name in fidelity and fidelity[name]["agreement"] is not None]
+    if not present:
+        return None
+    return min(present, key=lambda n: (-fidelity[n]["agreement"], fidelity[n]["mean_abs_prob_diff"], INT8_CANDIDATES.index(n)))
+
+
+def ship_int8(run: Run, variants: list[str], float_model, chosen: list[dict], representative, calibration: dict,
+              validation: Validation) -> dict:
+    """`int8`: a copy of the best exported candidate; `int8_uint8`: the same model converted with
+    uint8 I/O and a batch of 1."""
+    fidelity = {}
+    for name in INT8_CANDIDATES:
+        path = run.models / f"{name}.tflite"
+        if path.is_file() and sidecar_path(path).is_file():
+            fidelity[name] = validation.fidelity(path.read_bytes())
+    best = choose_int8(fidelity)
+    if best is None:
+        raise OncoliteError(f"{run.models}: no int8 candidate to choose `int8` from; export one of "
+                            f"{', '.join(INT8_CANDIDATES)} first (--variants)")
+    best_path = run.models / f"{best}.tflite"
+    best_facts = json.loads(sidecar_path(best_path).read_text(encoding="utf-8"))
+    selection = {"from": best, "rule": "highest validation agreement with float, then smallest mean |Δp|",
+                 "candidates": fidelity}
+    source = {"model": f"models/{best}.tflite", "sha256": file_sha256(best_path)}
+    results = {}
+    if "int8" in variants:
+        options = {**best_facts["options"], "chosen_from": best}
+        done = already_exported(run.models, "int8", source, options, run.threshold())
+        status = "up to date"
+        if done is None:
+            done = {**best_facts, "variant": "int8", "description": VARIANTS["int8"].description, "source": source,
+                    "options": options, "selection": selection}
+            path = run.models / "int8.tflite"
+            sidecar_path(path).unlink(missing_ok=True)
+            with atomic_path(path) as tmp:
+                shutil.copyfile(best_path, tmp)
+            write_json(sidecar_path(path), done)
+            status = "exported"
+        results["int8"] = {"status": status, "sidecar": done, "selection": selection,
+                           **_ops(run, "int8", best_path.read_bytes(), True, options)}
+    if "int8_uint8" in variants:
+        spec, origin = VARIANTS["int8_uint8"], VARIANTS[best]
+        options = {**best_facts["options"], "io": spec.io, "batch": spec.batch, "chosen_from": best}
+        results["int8_uint8"] = export_one(run, "int8_uint8", source, options, lambda: convert(
+            "int8_uint8", load_source(run, origin.source, float_model), float_model, chosen, run.prep, representative,
+            options), calibration, validation)
+    return results
+
+
+def model_source(run: Run, file_name: str) -> dict:
+    path = run.models / file_name
+    return {"model": f"models/{file_name}", "sha256": file_sha256(path) if path.exists() else None}
+
+
+def load_source(run: Run, source: str, float_model):
+    if source == "qat":
+        from quantize.qat import load_qat_model
+
+        return load_qat_model(run.models / "qat.keras", float_model, freeze_bn=run.config["qat"]["freeze_bn"])
+    return float_model
+
+
+_ROUNDED: dict = {}  # the last rounding: int8_gptq and its uint8 twin share it within one export
+
+
+def rounded_copy(model, chosen: list[dict], prep):
+    """quantize.rounding's copy of `model` on these calibration images, computed once per export."""
+    from quantize.rounding import reconstruct_weights
+
+    key = (id(model), tuple(str(item["path"]) for item in chosen), prep)
+    if key not in _ROUNDED:
+        _ROUNDED.clear()
+        # The model is kept with its copy, so its id cannot be reused by another model meanwhile.
+        _ROUNDED[key] = (model, reconstruct_weights(model, calibration_batches(chosen, prep))[0])
+    return _ROUNDED[key][1]
+
+
+def convert(variant: str, model, float_model, chosen: list[dict], prep, representative, options: dict) -> bytes:
+    """One conversion. With options["rounding"] == "gptq" the converter gets a copy of the float
+    model whose kernels quantize.rounding chose; the selective variant goes through the debugger."""
     if variant == SELECTIVE_VARIANT:
         from quantize.debug import selective_quantize
 
         return selective_quantize(float_model, representative, options["selective"])
-    if variant == "int8_qat":
-        from quantize.qat import load_qat_model
-
-        model = load_qat_model(run.models / "qat.keras", float_model)
-    else:
-        model = float_model
-    converter = make_converter(model, variant, representative, options["io"], options["allow_float_ops"])
+    if options.get("rounding") == "gptq":
+        model = rounded_copy(model, chosen, prep)
+    converter = make_converter(model, variant, representative, options["io"], options["allow_float_ops"],
+                               options.get("batch"))
     return converter.convert()
 
 
-def _with_ops(run: Run, variant: str, sidecar: dict, int8: bool, options: dict, status: str) -> dict:
-    model_bytes = (run.models / f"{variant}.tflite").read_bytes()
-    rows = checks.list_ops(model_bytes)
+def _ops(run: Run, variant: str, model_bytes: bytes, integer: bool, options: dict) -> dict:
+    """The op table and the float ops of a variant; raises FloatOpError for an int8 variant with
+    float ops that the options do not allow."""
     float_found = checks.check_integer_only(model_bytes, str(run.models / f"{variant}.tflite"),
                                             float_io=options["io"] == "float",
-                                            allow_float_ops=options["allow_float_ops"]) if int8 else []
-    return {"status": status, "sidecar": sidecar, "ops": checks.op_summary(rows),
+                                            allow_float_ops=options["allow_float_ops"]) if integer else []
+    return {"ops": checks.op_summary(checks.list_ops(model_bytes)),
             "float_ops": [f"{row['op']}#{row['index']}" for row in float_found]}
+
+
+def on_disk(run: Run, exclude) -> dict:
+    """Variants exported by earlier calls whose model and sidecar are both in models/."""
+    found = {}
+    for name, spec in VARIANTS.items():
+        path = run.models / f"{name}.tflite"
+        if name in exclude or not (path.is_file() and sidecar_path(path).is_file()):
+            continue
+        try:
+            facts = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            continue
+        if facts.get("sha256") != file_sha256(path):
+            continue
+        found[name] = {"status": "earlier export", "sidecar": facts, **({"selection": facts["selection"]} if "selection" in facts else {}),
+                       **_ops(run, name, path.read_bytes(), spec.integer, facts["options"])}
+    return found
+
+
+def record_gate(run: Run, report: dict) -> None:
+    """The shipped model's validation loss against the gate goes into its sidecar, so the edge
+    runtime can warn whoever loads a model that lost more than the gate allowed."""
+    path = sidecar_path(run.models / "int8.tflite")
+    facts = json.loads(path.read_text(encoding="utf-8"))
+    shipped = report["int8"]
+    facts["gate"] = {"accuracy_loss": shipped["accuracy_loss"], "gate": report["gate"], "passed": not shipped["over_gate"],
+                     "side": "val", "n": report["n_val"]}
+    write_json(path, facts)
+
+
+def check_tensor_names(run: Run, names: list[str]) -> None:
+    """--selective names must be tensors of the quantized model; a typo would be ignored silently."""
+    import difflib
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    reference = run.models / "int8_ptq.tflite"
+    if not reference.is_file():
+        raise OncoliteError(f"{reference}: missing; --selective names tensors of int8_ptq, export it first "
+                            f"(oncolite export {run.path} --variants int8_ptq)")
+    known = {d["name"] for d in Interpreter(model_path=str(reference)).get_tensor_details()}
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.5)
+            raise OncoliteError(f"--selective: {name!r} is not a tensor of {reference.name}"
+                                + (f"; close: {', '.join(repr(c) for c in close)}" if close else "")
+                                + "; copy the names from the debugger table in export_report.md")
 
 
 def parse_variants(text: str | None, default: list[str]) -> list[str]:
     variants = [v.strip() for v in text.split(",") if v.strip()] if text else list(default)
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in SELECTABLE]
     if unknown:
-        raise OncoliteError(f"--variants: unknown {', '.join(unknown)}; choose from {','.join(VARIANTS)}")
+        raise OncoliteError(f"--variants: unknown {', '.join(unknown)}; choose from {','.join(SELECTABLE)}")
     return variants
 
 
+def byo_arguments_used(args) -> list[str]:
+    return [flag for flag in ("data", "manifest", "labels", "size", "mean", "std", "resample", "out")
+            if getattr(args, flag, None) is not None]
+
+
+def open_model_run(args):
+    """A bring-your-own MODEL as a Run whose models folder is --out (quantize.byo)."""
+    from quantize import byo
+
+    run, _ = byo.byo_run(args.run_dir, args.out, data=args.data, manifest=args.manifest,
+                         labels=byo.parse_labels(args.labels), size=byo.parse_size(args.size),
+                         mean=byo.parse_channels(args.mean, "--mean"), std=byo.parse_channels(args.std, "--std"),
+                         resample=args.resample, seed=args.seed, quiet=args.quiet or args.json)
+    return run
+
+
+def byo_variants(text: str | None, default: list[str]) -> list[str]:
+    """The variants of a bring-your-own model: QAT needs our training, so int8_qat is not one."""
+    if text and "int8_qat" in [v.strip() for v in text.split(",")]:
+        raise OncoliteError("--variants int8_qat: quantization-aware training needs an oncolite run; a bring-your-own "
+                            "model's int8 candidates are int8_ptq and int8_gptq")
+    return [v for v in parse_variants(text, default) if v != "int8_qat"]
+
+
 def main(args) -> int:
+    from quantize.byo import is_model_path
     from quantize.debug import gate_report, write_report
 
-    run = open_run(args.run_dir)
+    byo = is_model_path(args.run_dir)
+    if byo:
+        run = open_model_run(args)
+    else:
+        if Path(args.run_dir).is_file():
+            raise OncoliteError(f"{args.run_dir}: not a run directory or a Keras model (.keras, .h5, SavedModel "
+                                "directory); give one of those")
+        used = byo_arguments_used(args)
+        if used:
+            raise OncoliteError(f"--{used[0]}: only for a bring-your-own MODEL; a run directory has its own "
+                                "manifest and models folder")
+        run = open_run(args.run_dir)
     settings = run.config["export"]
-    variants = parse_variants(args.variants, settings["variants"])
+    variants = byo_variants(args.variants, settings["variants"]) if byo else parse_variants(args.variants, settings["variants"])
     count = args.calibration_images or settings["calibration_images"]
     if count < 1:
         raise OncoliteError("--calibration-images must be at least 1")
     io = args.io or settings["int8_io"]
     selective = [s.strip() for s in args.selective.split(",") if s.strip()] if args.selective else None
     quiet = args.quiet or args.json
+    if selective:
+        check_tensor_names(run, selective)
     chosen = calibration_items(run.sides()["train"], count, int(run.config["seed"]))
     results = export_variants(run, variants, chosen, io, args.allow_float_ops, selective, quiet=quiet)
-    report = gate_report(run, results, gate=args.gate, representative=representative_dataset(chosen, run.prep),
+    results.update(on_disk(run, exclude=results))  # the report describes every model in the run
+    gate = settings["gate"] if args.gate is None else args.gate
+    report = gate_report(run, results, gate=gate, representative=representative_dataset(chosen, run.prep),
                          quiet=quiet)
     write_report(run, report)
+    if report.get("int8"):
+        record_gate(run, report)
     if args.json:
         print_json(report)
     else:
         for name, row in report["variants"].items():
             say(args, f"{name:<20} {row['size_bytes'] / 1e6:7.2f} MB  accuracy {row['accuracy']:.3f}  "
                       f"MCC {row['mcc']:.3f}  agreement {row['agreement']:.1%}  ({row['status']})")
+        if report.get("int8"):
+            say(args, f"int8 = {report['int8']['from']} ({report['int8']['rule']})")
         for warning in report["warnings"]:
             say(args, f"warning: {warning}")
+        if byo:
+            say(args, f"model: {run.source['source']['model']}; preprocessing: {run.source['preprocessing_from']}"
+                      + "".join(f"; {note}" for note in run.source["changes"]))
         say(args, f"report: {run.models / 'export_report.md'}")
     return EXIT_OK

@@ -2,7 +2,8 @@
 
 The recipe follows what was measured here (docs NOTES, "tfmot quantization-aware training"):
 1. flatten the float model (tfmot refuses nested models) and wrap it with `quantize_model`;
-2. freeze the BatchNorm wrappers (quantize_model clones layers, so frozen BN would train again);
+2. fold each BatchNorm into its conv, so the fake-quantized kernels are the ones the converter
+   will round, and start from kernels already on their int8 grid (quantize.rounding);
 3. settle the fake-quant ranges before any weight moves: a fresh QAT model predicts garbage
    until its moving-average ranges have seen data, and with tfmot's fixed EMA decay of 0.999
    that takes thousands of steps. During settling the decay is t/(t+1), so after N batches each
@@ -40,9 +41,12 @@ from edge_runtime.hashing import file_sha256
 from quantize.rundir import Run, open_run
 from train.checkpoints import save_resume_point
 from train.data import image_errors, load_arrays, make_dataset
+from train.metrics import agreement
 from train.model import flatten, load_float_model
 
 STATE_DIR = "qat_state"  # under RUN_DIR/models/
+# The QAT model's structure and starting point; a checkpoint of another recipe cannot resume.
+RECIPE = "folded-bn+gptq-start"
 
 
 def add_arguments(parser) -> None:
@@ -67,13 +71,16 @@ def qat_settings(config: dict, epochs: int | None = None, lr: float | None = Non
 # --- the quantized model -------------------------------------------------------------------
 
 def quantize_float_model(model: keras.Model, freeze_bn: bool = True) -> keras.Model:
-    """tfmot's QAT model of a (possibly nested) float model, BatchNorm wrappers frozen."""
-    q = tfmot.quantization.keras.quantize_model(flatten(model))
-    if freeze_bn:
-        for layer in q.layers:
-            if isinstance(getattr(layer, "layer", layer), keras.layers.BatchNormalization):
-                layer.trainable = False
-    return q
+    """tfmot's QAT model of a (possibly nested) float model.
+
+    freeze_bn: BatchNorm statistics stay what the float model learned, and each BatchNorm is
+    folded into its conv first (quantize.rounding.fold_batchnorm), so the fake-quantized kernels
+    are the ones the converter rounds. Without it, tfmot's own handling: the unfolded kernel is
+    fake-quantized and BatchNorm trains (the converter later folds and rounds other numbers)."""
+    from quantize.rounding import fold_batchnorm
+
+    flat = flatten(model)
+    return tfmot.quantization.keras.quantize_model(fold_batchnorm(flat) if freeze_bn else flat)
 
 
 def trainable_variables(q: keras.Model) -> list:
@@ -83,7 +90,7 @@ def trainable_variables(q: keras.Model) -> list:
     return [v for v in q.trainable_variables if id(v) not in frozen]
 
 
-def load_qat_model(path: str | Path, float_model: keras.Model) -> keras.Model:
+def load_qat_model(path: str | Path, float_model: keras.Model, freeze_bn: bool = True) -> keras.Model:
     """The QAT model saved at `path`, rebuilt from the float model it was made from.
 
     tfmot 0.8.1 cannot load its own models from .keras archives (QuantizeLayer is built twice
@@ -93,7 +100,7 @@ def load_qat_model(path: str | Path, float_model: keras.Model) -> keras.Model:
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no QAT model; run `oncolite quantize RUN_DIR` first")
-    q = quantize_float_model(float_model)
+    q = quantize_float_model(float_model, freeze_bn=freeze_bn)
     try:
         q.load_weights(path)
     except ValueError as e:
@@ -176,7 +183,7 @@ def agreement_scores(student_probs: np.ndarray, teacher_probs: np.ndarray, y: np
     """Top-1 agreement with the float model, accuracy, and the mean KL(float || student)."""
     s = np.clip(student_probs, 1e-7, 1.0)
     t = np.clip(teacher_probs, 1e-7, 1.0)
-    return {"agreement": float(np.mean(s.argmax(1) == t.argmax(1))),
+    return {"agreement": agreement(s.argmax(1), t.argmax(1))["value"],
             "accuracy": float(np.mean(s.argmax(1) == y)),
             "kl_to_float": float(np.mean(np.sum(t * np.log(t / s), axis=1)))}
 
@@ -188,6 +195,20 @@ def _better(scores: dict, best: dict | None) -> bool:
 
 # --- the command ---------------------------------------------------------------------------
 
+def start_point(run: Run, teacher: keras.Model, settings: dict) -> keras.Model:
+    """Where fine-tuning starts: with folded BatchNorm, the float model with every kernel already
+    on the int8 grid that reconstructs its layer's float output (quantize.rounding, on export's
+    calibration images): QAT then only has to repair what activation rounding adds."""
+    if not settings["freeze_bn"]:
+        return teacher
+    from quantize.export import calibration_batches, calibration_items
+    from quantize.rounding import reconstruct_weights
+
+    chosen = calibration_items(run.sides()["train"], int(run.config["export"]["calibration_images"]), int(run.config["seed"]))
+    rounded, _ = reconstruct_weights(teacher, calibration_batches(chosen, run.prep))
+    return rounded
+
+
 def run_qat(run: Run, settings: dict, resume: bool = False, quiet: bool = True) -> dict:
     """Fine-tune, checkpoint every epoch, and write models/qat.keras (atomically) from the best epoch."""
     float_path = run.models / "float.keras"
@@ -198,7 +219,7 @@ def run_qat(run: Run, settings: dict, resume: bool = False, quiet: bool = True) 
     tf.keras.utils.set_random_seed(int(run.config["seed"]))
 
     teacher = flatten(load_float_model(float_path))
-    student = quantize_float_model(teacher, freeze_bn=settings["freeze_bn"])
+    student = quantize_float_model(start_point(run, teacher, settings), freeze_bn=settings["freeze_bn"])
     optimizer = keras.optimizers.Adam(settings["lr"])
     # Slots exist before the first checkpoint, so every checkpoint has the same structure.
     optimizer.build(trainable_variables(student))
@@ -220,7 +241,7 @@ def run_qat(run: Run, settings: dict, resume: bool = False, quiet: bool = True) 
         with image_errors():
             steps = settle_ranges(student, train_ds.repeat(), int(settings["settle_steps"]), quiet=quiet)
         scores = validate()
-        state = {"source_sha256": source_sha, "settings": settings, "settle_steps": steps, "epoch": 0,
+        state = {"recipe": RECIPE, "source_sha256": source_sha, "settings": settings, "settle_steps": steps, "epoch": 0,
                  "best_epoch": 0, "best": scores, "bad_epochs": 0, "history": [{"epoch": 0, "loss": None, **scores}],
                  "checkpoint": None, "best_checkpoint": None}
         _save(checkpoint, best_checkpoint, state_dir, state, improved=True)
@@ -270,8 +291,8 @@ def _read_state(path: Path, source_sha: str, settings: dict) -> dict:
     if not path.exists():
         raise OncoliteError(f"{path}: nothing to resume; run without --resume")
     state = json.loads(path.read_text(encoding="utf-8"))
-    if "checkpoint" not in state:
-        raise OncoliteError(f"{path}: written by an older oncolite (fixed checkpoint names); run without --resume")
+    if "checkpoint" not in state or state.get("recipe") != RECIPE:
+        raise OncoliteError(f"{path}: written by an older oncolite (another QAT model structure); run without --resume")
     if state["source_sha256"] != source_sha:
         raise OncoliteError(f"{path}: the float model changed since this QAT run started; run without --resume")
     changed = sorted(k for k in ("distill", "distill_weight", "temperature", "freeze_bn", "lr")

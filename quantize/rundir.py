@@ -53,3 +53,25 @@ def open_run(run_dir: str | Path) -> Run:
     config, provenance = read_run_config(path)
     return Run(path=path, config=config, manifest=load_manifest(path / "manifest.json"), prep=preprocessing(config),
                fold=provenance.get("fold"))
+
+
+@dataclass
+class ModelRun(Run):
+    """A model trained elsewhere (quantize.byo), exported like a run: `path` is the output
+    folder, which is also the models folder (float.keras, the variants, their sidecars, the
+    export report); `manifest` is a train.manifest.Manifest or a quantize.byo.FolderData;
+    `given_labels` the model's output order. No operating point: argmax decides."""
+
+    given_labels: list[str] | None = None
+    source: dict | None = None  # quantize.byo.import_model's facts: the model given, what was changed
+
+    @property
+    def models(self) -> Path:
+        return self.path
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.given_labels or self.manifest.labels)
+
+    def threshold(self):
+        return None

@@ -2,10 +2,13 @@
 
 `image_corpus(folder)` writes the images (good-but-odd ones that must decode, bad ones that
 must be refused with one line naming the file); `special_files(folder)` the things that are
-not regular files (a directory named like an image, a FIFO, a file symlink loop, an
-unreadable file); `symlink_loop(folder)` a folder symlinked back into its own tree;
-`model_corpus(folder, good)` broken `.tflite` files; `manifest_with_missing_file(folder)`.
-Everything is tiny and generated on the spot (struct/zlib for the hand-made PNG header).
+not regular files (a directory named like an image, a FIFO, a file symlink loop, a symlink to
+a character device, an unreadable file); `symlink_loop(folder)` a folder symlinked back into
+its own tree; `model_corpus(folder, good)` broken `.tflite` files, `special_models(folder)` a
+FIFO and a device named .tflite, `unhashed_sidecar_models` sidecars a model must not trust;
+`manifest_with_missing_file(folder)`. Everything is tiny and generated on the spot
+(struct/zlib for the hand-made PNG and TIFF headers); `raw_png` writes PNGs of any size in
+constant memory, for the memory-bound tests.
 """
 
 from __future__ import annotations
@@ -58,6 +61,62 @@ def _jpeg_bytes(im: Image.Image, **kwargs) -> bytes:
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def raw_png(width: int, height: int, bit_depth: int = 8, color_type: int = 2, chunks=(), level: int = 9) -> bytes:
+    """A PNG of width x height zero pixels (color_type 0 gray, 2 RGB, 3 palette, 4 gray+alpha,
+    6 RGBA), `chunks` [(kind, data)] before the pixels. Written row by row: memory and time stay
+    small for any size, and the pixels compress ~1000:1 (8192x8192 16-bit gray is ~130 KB)."""
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[color_type]
+    row = b"\x00" * (1 + -(-width * channels * bit_depth // 8))
+    rows_per_call = max(1, 2**20 // len(row))
+    packer = zlib.compressobj(level)
+    pixels = [packer.compress(row * min(rows_per_call, height - y)) for y in range(0, height, rows_per_call)]
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + b"".join(_chunk(k, d) for k, d in chunks)
+            + _chunk(b"IDAT", b"".join(pixels) + packer.flush()) + _chunk(b"IEND", b""))
+
+
+def exif_chunk(orientation: int) -> tuple[bytes, bytes]:
+    """A PNG eXIf chunk with this EXIF orientation (6: shown rotated 90 degrees)."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    return b"eXIf", exif.tobytes()[len(b"Exif\x00\x00"):]
+
+
+def sixteen_bit_memory_bomb() -> bytes:
+    """~130 KB that decode to 8192x8192 16-bit gray: under the pixel limit, but 128 MB decoded and
+    far more to convert (the old code peaked near 2 GB and took seconds in one decode)."""
+    return raw_png(8192, 8192, bit_depth=16, color_type=0)
+
+
+def tiff_with_rational_strip_offsets() -> bytes:
+    """A TIFF whose StripOffsets tag is typed RATIONAL: Pillow's TIFF decoder raises TypeError,
+    an exception outside OSError/ValueError/SyntaxError/EOFError."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), BLUE).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        at = ifd + 2 + 12 * k
+        tag, _, count, value = struct.unpack_from("<HHII", data, at)
+        if tag == 273:  # StripOffsets
+            struct.pack_into("<HHII", data, at, tag, 5, count, value)  # 5: RATIONAL
+    return bytes(data)
+
+
+def other_format(fmt: str) -> bytes:
+    """An image in a format outside the allow-list (PPM, EPS, ...), as Pillow writes it."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), GREEN).save(buf, fmt)
+    return buf.getvalue()
+
+
+def mpo_photo() -> bytes:
+    """A phone photo with a second picture (MPO: depth map, stereo); its first picture is the image."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), GREEN).save(buf, "MPO", save_all=True, append_images=[Image.new("RGB", (16, 16), RED)])
+    return buf.getvalue()
 
 
 def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
@@ -137,6 +196,7 @@ def image_corpus(folder) -> list[Sample]:
         ("animated_gif", "animated.gif", animated_gif(), "animated GIF (2 frames)"),
         ("one_pixel", "one_pixel.png", _png_bytes(Image.new("RGB", (1, 1), GREEN)), "1x1 image"),
         ("non_utf8_name", NON_UTF8_NAME, png, "PNG whose file name is not valid UTF-8"),
+        ("mpo_photo", "phone.jpg", mpo_photo(), "phone JPEG with a second picture (MPO)"),
     ]
     bad = [
         ("zero_bytes", "empty.png", b"", "zero-byte file"),
@@ -144,6 +204,12 @@ def image_corpus(folder) -> list[Sample]:
         ("truncated_jpeg", "truncated.jpg", jpeg[: len(jpeg) // 2], "JPEG cut in half"),
         ("text_as_png", "notes.png", b"patient notes, not an image\n" * 4, "text file renamed .png"),
         ("bomb_png", "bomb.png", bomb_png(), "PNG header claiming 100000x100000 pixels (decompression bomb)"),
+        ("memory_bomb_16bit", "mammo16.png", sixteen_bit_memory_bomb(),
+         "130 KB PNG decoding to 8192x8192 16-bit gray (memory bomb under the pixel limit)"),
+        ("tiff_decoder_type_error", "strips.tif", tiff_with_rational_strip_offsets(),
+         "TIFF whose strip offsets are typed RATIONAL (the decoder raises TypeError)"),
+        ("eps_as_png", "poster.png", other_format("EPS"), "EPS (PostScript) named .png: Pillow would run Ghostscript on it"),
+        ("ppm_as_png", "scan.png", other_format("PPM"), "PPM named .png (a format outside the allow-list)"),
     ]
     return ([Sample(key, _write(folder, name, data), True, what) for key, name, data, what in good]
             + [Sample(key, _write(folder, name, data), False, what) for key, name, data, what in bad])
@@ -162,6 +228,8 @@ def special_files(folder) -> tuple[list[Sample], dict[str, str]]:
     samples.append(Sample("fifo", folder / "pipe.png", False, "a FIFO named pipe.png (opening it for reading blocks)"))
     os.symlink("selfloop.png", folder / "selfloop.png")
     samples.append(Sample("symlink_self_loop", folder / "selfloop.png", False, "a symlink pointing at itself"))
+    os.symlink("/dev/zero", folder / "zero.png")
+    samples.append(Sample("char_device", folder / "zero.png", False, "a symlink to /dev/zero named zero.png (reads never end)"))
     locked = _write(folder, "locked.png", good_png())
     os.chmod(locked, 0)
     if os.access(locked, os.R_OK):  # root (CI containers) reads it anyway
@@ -213,6 +281,31 @@ def model_corpus(folder, good: Path) -> list[Sample]:
         garbled[int(k)] ^= 0xFF
     model("corrupt", bytes(garbled), None, "a valid model with 200 bytes flipped in its first half, no sidecar")
     model("wrong_sha", data, {**sidecar, "sha256": hashlib.sha256(b"other").hexdigest()}, "a valid model whose sidecar sha256 differs")
+    return out
+
+
+def special_models(folder) -> list[Sample]:
+    """Not regular files, named .tflite: a FIFO (reading it blocks) and /dev/zero (never ends)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(folder / "pipe.tflite")
+    os.symlink("/dev/zero", folder / "zero.tflite")
+    return [Sample("fifo_model", folder / "pipe.tflite", False, "a FIFO named pipe.tflite"),
+            Sample("device_model", folder / "zero.tflite", False, "a symlink to /dev/zero named zero.tflite")]
+
+
+def unhashed_sidecar_models(folder, plain: bytes, labels: list[str]) -> list[Sample]:
+    """A model without metadata (`plain`) whose sidecar does not name its sha256: once with the
+    labels in training order, once reordered (nothing in the model can tell them apart)."""
+    folder = Path(folder)
+    out = []
+    for name, order, what in (("unhashed_sidecar", list(labels), "model without metadata, sidecar without sha256"),
+                              ("unhashed_reordered_sidecar", list(reversed(labels)),
+                               "model without metadata, sidecar without sha256 and its labels reordered")):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        path = _write(folder / name, "model.tflite", plain)
+        write_json(path.with_suffix(".json"), {"format": "oncolite-model/1", "labels": order})
+        out.append(Sample(name, path, False, what))
     return out
 
 

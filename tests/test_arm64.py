@@ -79,7 +79,8 @@ def test_arm64_predictions_are_identical_to_x86(env, workdir):
     done = run_in_pi(env, ["python", "-m", "edge_runtime", "predict", "int8.tflite", *images, "--json", "--quiet",
                            "--backend", backend, "--resolver", resolver], workdir)
     assert done.returncode == 0, done.stderr[-3000:]
-    arm = {r["file"]: r for r in json.loads(done.stdout)["results"]}
+    records = [json.loads(line) for line in done.stdout.splitlines()]  # JSON Lines, one record per file
+    arm = {r["file"]: r for r in records if r["type"] == "result"}
     # x86: ai-edge-litert with the same resolver (BUILTIN_REF is bit-identical across runtimes too).
     model = EdgeModel.load(workdir / "int8.tflite", backend="ai-edge-litert", resolver=resolver)
     assert sorted(arm) == images

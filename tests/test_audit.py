@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from benchmarks.near_duplicates import run as run_near_duplicate_benchmark
 from oncolite.cli import main as oncolite
-from tests.datatrees import folder_tree, near_copy, noise, save
+from tests.datatrees import breakhis_tree, folder_tree, idc_tree, near_copy, noise, save, write_folds_csv
 from train.audit import audit_dataset, report
 from train.datasets import load_dataset
 from train.duplicates import near_duplicate_pairs, pack_hashes
@@ -90,3 +90,43 @@ def test_shipped_busi_conflict_and_near_duplicates():
     conflicts = [{im["path"] for im in g["images"]} for g in rep["conflicts"]["list"]]
     assert {"benign/benign (399).png", "malignant/malignant (93).png"} in conflicts
     assert 180 <= rep["near_duplicates"]["pairs"] <= 240
+
+
+# ---------------------------------------------------------------- issue 20: histology sets
+
+def test_a_patient_crossing_the_published_folds_is_reported(tmp_path, capfd):
+    paths = breakhis_tree(tmp_path, mags=(40,))
+    table = write_folds_csv(tmp_path, paths, folds=3)
+    text = table.read_text().splitlines()
+    # One image of patient 14-2523 moves to the other side of published fold 2.
+    k = next(i for i, line in enumerate(text) if line.startswith("2,") and "14-2523-40-001" in line)
+    text[k] = text[k].replace(",train,", ",test,") if ",train," in text[k] else text[k].replace(",test,", ",train,")
+    table.write_text("\n".join(text) + "\n")
+    out = tmp_path / "report"
+    assert oncolite(["audit", str(table), "--out", str(out), "--json"]) == 0
+    captured = capfd.readouterr()
+    assert json.loads(captured.out)["patients_crossing_folds"] == [{"patient": "14-2523", "folds": [2]}]
+    assert "warning: patient 14-2523 crosses published folds [2]\n" in captured.err
+    rep = json.loads((out / "audit.json").read_text())
+    assert rep["published_folds"] == {"folds": [1, 2, 3], "patients_crossing_folds": [{"patient": "14-2523", "folds": [2]}]}
+    md = (out / "audit.md").read_text()
+    assert "patients on both sides of a fold: 1" in md and "- patient 14-2523: folds 2" in md
+
+
+def test_histology_audits_count_patients_and_magnifications(tmp_path):
+    breakhis_tree(tmp_path / "breakhis", mags=(40, 100), per_mag=2)
+    rep = report(audit_dataset(load_dataset(tmp_path / "breakhis"), workers=1))
+    assert rep["patients"] == {"total": 12, "per_class": {"benign": 6, "malignant": 6}}
+    assert rep["magnifications"] == {"40X": {"benign": 12, "malignant": 12}, "100X": {"benign": 12, "malignant": 12}}
+    idc_tree(tmp_path / "idc", patients=("10253", "8863", "9036"))
+    rep = report(audit_dataset(load_dataset(tmp_path / "idc"), workers=1))
+    assert rep["patients"] == {"total": 3, "per_class": {"non_idc": 3, "idc": 3}} and "magnifications" not in rep
+    out = tmp_path / "report"
+    assert oncolite(["audit", str(tmp_path / "breakhis"), "--out", str(out), "--quiet"]) == 0
+    md = (out / "audit.md").read_text()
+    assert "12 patients." in md and "| benign | 24 | 6 |" in md and "| 100X | 12 | 12 | 24 |" in md
+
+
+def test_an_audit_without_patients_shows_none(planted):
+    rep = report(audit_dataset(load_dataset(planted), workers=1))
+    assert not {"patients", "magnifications", "published_folds"} & rep.keys()

@@ -1,4 +1,5 @@
-"""`oncolite benchmark` end to end on a tiny run directory: report schema, plots, --compare, adb parser."""
+"""`oncolite benchmark` end to end on tiny run directories: report schema, plots, --compare, a CV
+fold's own test side, operating points, settings from the run's config, the adb parser."""
 
 import copy
 import hashlib
@@ -10,31 +11,49 @@ import numpy as np
 import pytest
 
 from benchmarks import devices, report as report_mod
-from benchmarks.benchmark import find_models, model_preprocessing, parse_threads, validate_report
+from benchmarks.benchmark import find_models, model_preprocessing, parse_threads, usable_threads
+from benchmarks.report import validate_report
 from edge_runtime.atomic import write_json
 from oncolite.cli import main as oncolite
+from train.config import load_config
 
 LABELS = ["benign", "malignant", "normal"]
+# The run's config section `oncolite benchmark` falls back to when no timing flag is given.
+BENCHMARK_SETTINGS = {"threads": [1], "warmup": 1, "runs": 3}
+FOLD0_TEST, FOLD1_TEST = 6, 4  # test images of the 12 in fold 0 (the manifest's `split`) and fold 1
 
 
-def make_tiny_run(run: Path) -> Path:
-    """RUN_DIR with models/float.keras, fp32 and int8_ptq .tflite (+ sidecars) and a 12-image manifest."""
+def fold_sides(i: int) -> list[str]:
+    """Image i's side in fold 0 and fold 1: different test sides of different sizes."""
+    return ["test" if i < FOLD0_TEST else "train", "test" if FOLD0_TEST <= i < FOLD0_TEST + FOLD1_TEST else "train"]
+
+
+def make_tiny_run(run: Path, fold=None, labels=tuple(LABELS), threshold=None) -> Path:
+    """RUN_DIR as `oncolite train` + `export` leave it: config.json (the fold trained on in its
+    provenance), threshold.json when given, models/float.keras, fp32 and int8_ptq .tflite
+    (+ sidecars carrying `threshold`) and a 12-image manifest with two CV folds."""
     from tests import edge_models
 
     models = run / "models"
     models.mkdir(parents=True)
-    edge_models.keras_model(3).save(models / "float.keras")
-    edge_models.model_file(models, "fp32", labels=tuple(LABELS))
-    built = edge_models.model_file(run / "int8", "int8", labels=tuple(LABELS))
+    edge_models.keras_model(len(labels)).save(models / "float.keras")
+    edge_models.model_file(models, "fp32", labels=labels, threshold=threshold)
+    built = edge_models.model_file(run / "int8", "int8", labels=labels, threshold=threshold)
     shutil.copyfile(built, models / "int8_ptq.tflite")
     shutil.copyfile(built.with_suffix(".json"), models / "int8_ptq.json")
+    # The tiny stand-in models are 16 px, below what MobileNetV2 trains at (so below what a
+    # config accepts): the run's stored config says what its models really are.
+    config = {**load_config(overrides={"benchmark": BENCHMARK_SETTINGS}), "input_size": edge_models.SIZE}
+    write_json(run / "config.json", {**config, "run": {"fold": fold}})
+    if threshold:
+        write_json(run / "threshold.json", {**threshold, "chosen_on": "val"})
 
     images = edge_models.write_images(run / "data", n=12, size=24)
-    items = [{"path": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "label": LABELS[i % 3],
-              "group": f"g{i}", "split": "test" if i < 6 else "train", "meta": {}} for i, p in enumerate(images)]
+    items = [{"path": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "label": labels[i % len(labels)],
+              "group": f"g{i}", "split": fold_sides(i)[0], "cv": fold_sides(i), "meta": {}} for i, p in enumerate(images)]
     write_json(run / "manifest.json", {
-        "format": "oncolite-manifest/1", "root": "data", "labels": LABELS, "seed": 7,
-        "split": {"kind": "group", "folds": 1, "val_fraction": 0.0, "test_fold": 0},
+        "format": "oncolite-manifest/1", "root": "data", "labels": list(labels), "seed": 7,
+        "split": {"kind": "group", "folds": 2, "val_fraction": 0.0, "test_fold": 0},
         "audit": {"hash": "phash", "threshold": 6, "conflicts_excluded": True}, "excluded": [], "items": items})
     return run
 
@@ -46,8 +65,8 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def benchmarked(tiny_run):
-    code = oncolite(["benchmark", str(tiny_run), "--threads", "1", "--runs", "3", "--warmup", "1",
-                     "--bootstrap", "50", "--quiet"])
+    # No --threads/--runs/--warmup: the run's config.json `benchmark` section decides.
+    code = oncolite(["benchmark", str(tiny_run), "--bootstrap", "50", "--quiet"])
     return code, json.loads((tiny_run / "benchmark" / "report.json").read_text())
 
 
@@ -56,7 +75,9 @@ def test_report_has_the_shape_issue_8_requires(tiny_run, benchmarked):
     assert code == 0, report.get("failures")
     assert validate_report(report) == []
     assert set(report["variants"]) == {"keras_float", "tflite_fp32", "tflite_int8_ptq", "majority_baseline"}
-    assert report["split"] == {**report["split"], "kind": "group", "seed": 7, "n_test": 6, "conflicts_excluded": True}
+    assert report["split"] == {**report["split"], "kind": "group", "seed": 7, "n_test": FOLD0_TEST,
+                               "conflicts_excluded": True, "fold": None, "test_fold": 0}
+    assert {k: report["settings"][k] for k in BENCHMARK_SETTINGS} == BENCHMARK_SETTINGS
     fp32, int8 = report["variants"]["tflite_fp32"], report["variants"]["tflite_int8_ptq"]
     # fp32 TFLite is the same function as the Keras model: same top-1 on every image.
     assert fp32["agreement_with_float"] == 1.0 and fp32["mean_abs_prob_diff"] < 1e-4
@@ -66,7 +87,8 @@ def test_report_has_the_shape_issue_8_requires(tiny_run, benchmarked):
     for name in ("keras_float", "tflite_fp32", "tflite_int8_ptq"):
         v = report["variants"][name]
         assert v["latency_ms"]["1"]["p50"] > 0 and len(v["sha256"]) == 64
-        assert v["confusion_matrix"] and np.sum(v["confusion_matrix"]) == 6
+        assert v["confusion_matrix"] and np.sum(v["confusion_matrix"]) == FOLD0_TEST
+        assert v["operating_point"] is None  # three classes: argmax
     assert fp32["speedup_vs_keras"]["1"] > 0
     assert report["split"]["manifest_sha256"] and report["machine"]["cpu_model"] and "cpu_flags" in report["machine"]
 
@@ -91,6 +113,51 @@ def test_validate_report_names_what_is_wrong(benchmarked):
     assert any("tflite_int8_ptq.mcc" in p for p in problems)
     assert any("split.kind" in p for p in problems)
     assert validate_report({"split": {}}) != []
+    for kind in ("published", "given"):  # BreakHis' Folds.csv, a CSV's own split column
+        assert validate_report({**report, "split": {**report["split"], "kind": kind}}) == []
+
+
+def test_a_malformed_report_is_refused_before_anything_is_written(benchmarked, tmp_path):
+    _, report = benchmarked
+    broken = {**copy.deepcopy(report), "split": {**report["split"], "n_test": None}}
+    with pytest.raises(ValueError, match="split.n_test"):
+        report_mod.write_report(tmp_path / "out", broken, {}, [])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cv_fold_run_is_benchmarked_on_its_own_test_side(tmp_path):
+    run = make_tiny_run(tmp_path / "fold1", fold=1)
+    # --threads none wins over the config's [1]
+    assert oncolite(["benchmark", str(run), "--threads", "none", "--bootstrap", "20", "--quiet"]) == 0
+    report = json.loads((run / "benchmark" / "report.json").read_text())
+    assert report["split"]["fold"] == report["split"]["test_fold"] == 1
+    assert report["split"]["n_test"] == FOLD1_TEST != FOLD0_TEST
+    assert np.sum(report["variants"]["keras_float"]["confusion_matrix"]) == FOLD1_TEST
+    assert report["settings"]["threads"] == [] and report["settings"]["runs"] == BENCHMARK_SETTINGS["runs"]
+    assert "sides of CV fold 1" in (run / "benchmark" / "report.md").read_text()
+
+
+def test_binary_operating_points_decide_for_every_model(tmp_path):
+    """threshold 0: the positive class for every image, where argmax would not call it for all."""
+    from edge_runtime.model import EdgeModel
+    from edge_runtime.preprocess import preprocess
+    from tests import edge_models
+
+    labels = tuple(edge_models.BINARY_LABELS)
+    rule = {"positive": labels[1], "value": 0.0}
+    run = make_tiny_run(tmp_path / "binary", labels=labels, threshold=rule)
+    assert oncolite(["benchmark", str(run), "--threads", "none", "--bootstrap", "20", "--quiet"]) == 0
+    report = json.loads((run / "benchmark" / "report.json").read_text())
+    tested = [p for i, p in enumerate(sorted((run / "data").glob("*.png"), key=lambda p: int(p.stem[3:])))
+              if fold_sides(i)[0] == "test"]
+    x = np.stack([preprocess(p, edge_models.PREP) for p in tested])
+    assert (EdgeModel.load(run / "models" / "fp32.tflite").predict(x).argmax(1) == 0).any()  # so the check below can tell a threshold from argmax
+    for name in ("keras_float", "tflite_fp32", "tflite_int8_ptq"):
+        v = report["variants"][name]
+        assert v["operating_point"] == rule
+        assert [row[0] for row in v["confusion_matrix"]] == [0, 0], name  # nothing called negative
+        assert v["agreement_with_float"] == 1.0
+    assert "idc when p >= 0" in (run / "benchmark" / "report.md").read_text()
 
 
 def test_compare_merges_reports_from_several_machines(tiny_run, benchmarked, tmp_path):
@@ -127,6 +194,7 @@ def test_threads_are_capped_at_the_cores(monkeypatch):
     assert parse_threads("1,2,4") == [1, 2]
     assert parse_threads("none") == []
     assert parse_threads("8") == [1]
+    assert usable_threads([2, 1, 2]) == [1, 2] and usable_threads([]) == []
 
 
 BENCHMARK_MODEL_OUTPUT = """\
@@ -157,9 +225,24 @@ def test_benchmark_model_output_is_parsed():
     assert parsed["runs"]["count"] == 71 and parsed["runs"]["median_ms"] == pytest.approx(14.12)
     assert parsed["memory_delta_mb"] == {"init": pytest.approx(2.84766), "overall": pytest.approx(9.50391)}
     latency = devices.adb_latency(parsed)
-    assert latency["p50"] == pytest.approx(14.12) and latency["p90"] == pytest.approx(14.48)
+    # benchmark_model prints no p90: none is made up from p95 or max
+    assert latency["p50"] == pytest.approx(14.12) and latency["p90"] is None
+    assert latency["p95"] == pytest.approx(14.48) and latency["max"] == pytest.approx(15.321)
     with pytest.raises(Exception, match="Inference timings"):
         devices.parse_benchmark_model("ERROR: Could not open model")
+
+
+def test_benchmark_model_binary_flag_then_env_then_tools(tmp_path, monkeypatch):
+    given, from_env = tmp_path / "given", tmp_path / "env"
+    given.write_bytes(b"\x7fELF")
+    from_env.write_bytes(b"\x7fELF")
+    monkeypatch.setenv("ONCOLITE_BENCHMARK_MODEL", str(from_env))
+    assert devices.benchmark_model_path(str(given)) == given
+    assert devices.benchmark_model_path(None) == from_env
+    monkeypatch.delenv("ONCOLITE_BENCHMARK_MODEL")
+    monkeypatch.setattr(devices, "DEFAULT_BENCHMARK_MODEL", tmp_path / "tools" / "benchmark_model")
+    with pytest.raises(Exception, match=r"tools/benchmark_model: .*--benchmark-model PATH"):
+        devices.benchmark_model_path(None)
 
 
 def test_ssh_url_parsing():

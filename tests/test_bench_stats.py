@@ -59,5 +59,34 @@ def test_probability_difference_and_per_class_deltas():
     assert deltas["benign"]["recall"] == pytest.approx(-0.5)
     assert deltas["malignant"]["precision"] == pytest.approx(-0.5)
     assert deltas["malignant"]["recall"] == pytest.approx(0.0)
-    full = stats.compare_to_reference(y, ref, other, ["benign", "malignant"])
+    full = stats.compare_to_reference(y, ref, other, ref.argmax(1), other.argmax(1), ["benign", "malignant"])
     assert full["agreement"]["same"] == 2 and full["mcnemar"]["only_ref_correct"] == 1
+    # Decisions, not argmax, are compared: calling class 1 from p >= 0.35 makes image 3 agree, and wrong for both.
+    called_ref, called_other = (ref[:, 1] >= 0.35).astype(int), (other[:, 1] >= 0.35).astype(int)
+    at_035 = stats.compare_to_reference(y, ref, other, called_ref, called_other, ["benign", "malignant"])
+    assert at_035["agreement"]["same"] == 3 and at_035["mcnemar"]["p_value"] == 1.0
+
+
+def test_pooled_cv_counts_every_held_out_image_once_with_flips_and_the_uncertain_band():
+    from benchmarks.pooled import flipped_images, pool
+
+    labels = ["a", "b", "c"]
+
+    def fold(ref, other, y, band):
+        return {"labels": labels, "images": [f"img{i}.png" for i in range(len(y))], "y": y,
+                "probs": {"keras_float": ref, "tflite_int8": other}, "rules": {"keras_float": None, "tflite_int8": None},
+                "uncertain_margin": {"keras_float": None, "tflite_int8": band}}
+
+    # fold 0: one confident flip (float margin 0.6); fold 1: one tie flip (float margin 0.02)
+    f0 = fold([[0.8, 0.2, 0.0], [0.1, 0.8, 0.1]], [[0.3, 0.7, 0.0], [0.1, 0.8, 0.1]], [0, 1], 0.05)
+    f1 = fold([[0.0, 0.51, 0.49], [0.0, 0.0, 1.0]], [[0.0, 0.49, 0.51], [0.0, 0.0, 1.0]], [1, 2], 0.05)
+    pooled = pool([f0, f1], bootstrap=0)
+    int8 = pooled["models"]["tflite_int8"]
+    assert pooled["n"] == 4 and int8["n"] == 4
+    assert int8["flips"] == 2 and int8["confident_flips"] == 1 and int8["agreement"] == 0.5
+    assert int8["agreement_per_fold"] == [0.5, 0.5]
+    # the tie (int8 margin 0.02 < band 0.05) is flagged; outside the band 2 of 3 agree
+    assert int8["uncertain"]["flagged"] == 1 and abs(int8["uncertain"]["agreement_outside"] - 2 / 3) < 1e-12
+    assert int8["delta_accuracy"] == -0.5
+    rows = flipped_images([f0, f1], "tflite_int8")
+    assert [(r["fold"], r["image"], r["float_margin"]) for r in rows] == [(0, "img0.png", 0.6), (1, "img0.png", 0.02)]

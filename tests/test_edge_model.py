@@ -73,9 +73,12 @@ def test_argmax_without_threshold(folder):
 
 
 def test_sidecar_is_the_fallback_for_models_without_metadata(folder):
+    import hashlib
+
     path = write_bytes(folder / "plain" / "m.tflite", tflite_bytes("int8"))
     write_json(path.with_suffix(".json"), {"labels": ["x", "y", "z"], "preprocessing": PREP.to_dict(),
-                                           "threshold": {"positive": "y", "value": 0.5}})
+                                           "threshold": {"positive": "y", "value": 0.5},
+                                           "sha256": hashlib.sha256(tflite_bytes("int8")).hexdigest()})
     model = EdgeModel.load(path)
     assert model.labels == ["x", "y", "z"] and not model.has_metadata and model.threshold["positive"] == "y"
 
@@ -232,3 +235,20 @@ def test_int8_quantize_dequantize_round_trip(values, scale, zero_point):
     # Inside the range: within half a step; outside: saturated at the nearest end.
     assert np.all(np.abs(back - x)[representable] <= scale / 2 + 1e-6)
     assert np.all(np.isin(q[~representable], [-128, 127]))
+
+
+def test_an_int8_model_over_the_export_gate_warns_whoever_loads_it(tmp_path, capsys):
+    """export writes the shipped int8 model's validation loss against the gate into its sidecar;
+    loading it says so, and `predict` prints it on stderr."""
+    from edge_runtime.cli import main as edge_main
+
+    path = model_file(tmp_path, "int8")
+    assert EdgeModel.load(path).warnings == []
+    sidecar = path.with_suffix(".json")
+    facts = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**facts, "gate": {"accuracy_loss": 0.05, "gate": 0.01, "passed": False}}))
+    (warning,) = EdgeModel.load(path).warnings
+    assert "5.0%" in warning and "gate of 1.0%" in warning
+    image = write_images(tmp_path / "img", n=1, size=20)[0]
+    assert edge_main(["predict", str(path), str(image), "--json"]) == 0
+    assert "more than the export gate" in capsys.readouterr().err

@@ -41,18 +41,32 @@ def run(argv, capsys):
     return code, out.out, out.err
 
 
+def json_lines(out: str) -> dict:
+    """predict --json output (JSON Lines) as {"model": ..., "results": [...], "skipped": [...], "summary": ...}."""
+    records = [json.loads(line) for line in out.splitlines()]
+    [model] = [r for r in records if r["type"] == "model"]
+    [summary] = [r for r in records if r["type"] == "summary"]
+    return {"model": model, "summary": {k: v for k, v in summary.items() if k != "type"},
+            "results": [r for r in records if r["type"] in ("result", "error")],
+            "skipped": [r for r in records if r["type"] == "skipped"]}
+
+
 def test_json_lists_good_and_bad_files_and_exits_some_failed(setup, capsys):
     code, out, _ = run(["predict", str(setup["model"]), str(setup["images"]), "--json"], capsys)
     assert code == EXIT_SOME_FAILED
-    report = json.loads(out)
+    report = json_lines(out)
     results = report["results"]
-    assert report["summary"] == {"images": 6, "classified": 4, "failed": 2}
+    assert report["summary"] == {"images": 6, "classified": 4, "failed": 2, "skipped": 2, "already_done": 0}
+    # Not silently dropped: the text file and the kill's hidden temporary are listed with the reason.
+    assert {Path(r["file"]).name: r["reason"] for r in report["skipped"]} == {
+        "notes.txt": "not an image by its suffix", ".img9.k1ll3d.tmp.png": "hidden file"}
     failed = {Path(r["file"]).name for r in results if "error" in r}
     assert failed == {"broken.png", "empty.jpg"}
     ok = [r for r in results if "error" not in r]
     for r in ok:
         assert r["label"] in LABELS and abs(sum(r["probabilities"].values()) - 1) < 1e-5
-        assert r["top_k"][0][1] == max(r["probabilities"].values()) and len(r["top_k"]) == 3
+        assert r["top"][0]["probability"] == max(r["probabilities"].values()) and len(r["top"]) == 3
+        assert r["decision_rule"] == "highest probability" and r["uncertain"] is None
         for key in ("inference_ms", "preprocess_ms"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r.get(key))
     assert any("caf\\xe9.png" in r["file"] for r in ok)  # shown safely, not dropped
@@ -62,7 +76,8 @@ def test_all_good_exits_ok_and_prints_a_table(setup, capsys):
     code, out, _ = run(["predict", str(setup["model"]), *map(str, setup["good"]), "--top-k", "2"], capsys)
     assert code == EXIT_OK
     lines = [line for line in out.splitlines() if line.strip()]
-    assert lines[0].split()[:3] == ["file", "label", "p"]
+    assert lines[0] == "decision rule: highest probability"
+    assert lines[1].split()[:3] == ["file", "label", "p"]
     assert sum(Path(p).name in out for p in setup["good"]) == 3 and "3 image(s) classified" in out
 
 
@@ -77,7 +92,7 @@ def test_csv_has_one_row_per_file_and_errors_in_their_column(setup, capsys):
 def test_glob_and_model_flag(setup, capsys):
     pattern = str(setup["images"] / "**" / "img*.png")
     code, out, _ = run(["predict", "--model", str(setup["model"]), pattern, "--json"], capsys)
-    assert code == EXIT_OK and json.loads(out)["summary"]["classified"] == 3
+    assert code == EXIT_OK and json_lines(out)["summary"]["classified"] == 3
 
 
 def test_all_bad_exits_some_failed(setup, capsys):
@@ -108,7 +123,7 @@ def test_predict_never_imports_tensorflow(setup):
                            "--json", "--backend", "ai-edge-litert"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout)["backend"] == "ai-edge-litert"
+    assert json_lines(done.stdout)["model"]["backend"] == "ai-edge-litert"
     assert "TENSORFLOW_MODULES=0" in done.stderr
 
 

@@ -205,3 +205,43 @@ def test_threshold_on_a_three_class_task_is_a_usage_error(three_class_tflite, ca
                      "--out", str(t["folder"] / "nope"), "--quiet"])
     assert code == 2
     assert "binary" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def fold_run(tmp_path_factory):
+    """RUN/folds/1 as `oncolite train --fold 1` leaves it: config.json records fold 1; the manifest
+    has two CV folds whose test sides differ in size (fold 0: the 6 `split` test images, fold 1:
+    the 4 validation ones)."""
+    folder = tmp_path_factory.mktemp("cv")
+    manifest, items = write_manifest(folder, BINARY, {"train": 8, "val": 4, "test": 6})
+    fold1 = {"train": "train", "val": "test", "test": "val"}
+    data = json.loads(manifest.read_text())
+    data["items"] = [{**item, "cv": [item["split"], fold1[item["split"]]]} for item in items]
+    data["split"]["folds"] = 2
+    run = folder / "run" / "folds" / "1"
+    (run / "models").mkdir(parents=True)
+    write_json(run / "manifest.json", data)
+    tiny_model(2).save(run / "models" / "float.keras")
+    write_json(run / "config.json", {"input_size": SIZE, "resample": "bilinear", "run": {"fold": 1}})
+    return run
+
+
+def test_a_cv_fold_run_is_evaluated_on_its_own_test_side_by_default(fold_run):
+    assert oncolite(["evaluate", str(fold_run), "--bootstrap", "0", "--quiet"]) == 0
+    report = json.loads((fold_run / "eval" / "float" / "metrics.json").read_text())
+    assert report["fold"] == 1
+    assert report["image_level"]["n"] == 4  # fold 0 (the manifest's `split`) would give 6
+    assert "- side: test, fold 1" in (fold_run / "eval" / "float" / "metrics.md").read_text()
+
+
+def test_a_hand_written_threshold_file_is_used(fold_run):
+    write_json(fold_run / "threshold.json", {"positive": "malignant", "value": 0.0})  # no `chosen_on`
+    try:
+        out = fold_run / "eval" / "by-hand"
+        assert oncolite(["evaluate", str(fold_run), "--out", str(out), "--bootstrap", "0", "--quiet"]) == 0
+        report = json.loads((out / "metrics.json").read_text())
+        assert report["operating_point"]["value"] == 0.0
+        assert report["image_level"]["confusion_matrix"]["counts"][0][0] == 0  # p >= 0: all called malignant
+        assert "(chosen on file)" in (out / "metrics.md").read_text()
+    finally:
+        (fold_run / "threshold.json").unlink()

@@ -217,6 +217,11 @@ def image_between(model: EdgeModel, threshold: dict, candidates: list[Path], wor
     raise AssertionError(f"no blend lands between {low} and {high}")
 
 
+def json_lines(text: str) -> list[dict]:
+    """`predict --json` output: one JSON record per line (model, then one per file, then a summary)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def test_edge_predict_applies_the_stored_threshold_where_argmax_would_not(breakhis):
     model_path = breakhis.run / "models" / "fp32.tflite"
     model = EdgeModel.load(model_path)
@@ -226,17 +231,17 @@ def test_edge_predict_applies_the_stored_threshold_where_argmax_would_not(breakh
     by_argmax = "malignant" if p > 0.5 else "benign"
     assert by_threshold != by_argmax  # the image was chosen so that the two rules disagree
 
-    out = json.loads(run("edge_runtime", "predict", model_path, image, "--json", cwd=breakhis.work).stdout)
-    assert out["threshold"] == threshold
-    (result,) = out["results"]
+    out = json_lines(run("edge_runtime", "predict", model_path, image, "--json", cwd=breakhis.work).stdout)
+    assert out[0]["type"] == "model" and out[0]["threshold"] == threshold
+    (result,) = [r for r in out if r["type"] == "result"]
     assert result["probabilities"]["malignant"] == pytest.approx(p, abs=1e-6)
     assert result["label"] == by_threshold
 
     # The int8 model carries the same operating point and decides by it too.
-    int8 = json.loads(run("edge_runtime", "predict", breakhis.run / "models" / "int8_ptq.tflite",
+    int8 = json_lines(run("edge_runtime", "predict", breakhis.run / "models" / "int8_ptq.tflite",
                           *sorted(breakhis.paths)[:8], "--json", cwd=breakhis.work).stdout)
-    assert int8["threshold"] == threshold
-    for result in int8["results"]:
+    assert int8[0]["threshold"] == threshold
+    for result in [r for r in int8 if r["type"] == "result"]:
         p8 = result["probabilities"]["malignant"]
         assert result["label"] == ("malignant" if p8 >= threshold["value"] else "benign"), result
 

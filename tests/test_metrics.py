@@ -208,3 +208,17 @@ def test_thousand_resamples_of_eight_hundred_images():
     r = metrics.classification_report(y, probs, LABELS3, bootstrap=1000)
     assert r["bootstrap"]["resamples"] == 1000
     assert r["metrics"]["macro_roc_auc"]["ci"][0] < r["metrics"]["macro_roc_auc"]["value"]
+
+
+def test_decisions_follow_the_operating_point_or_argmax():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    assert metrics.decisions(probs, None, ["benign", "malignant"]).tolist() == [0, 0, 1]
+    rule = {"positive": "malignant", "value": 0.35}
+    assert metrics.decisions(probs, rule, ["benign", "malignant"]).tolist() == [0, 1, 1]
+    # the positive class is named, not positional: benign as positive at 0.7
+    assert metrics.decisions(probs, {"positive": "benign", "value": 0.7}, ["benign", "malignant"]).tolist() == [0, 1, 1]
+
+
+def test_agreement_counts_same_classes():
+    assert metrics.agreement([0, 1, 2, 1], [0, 1, 2, 0]) == {"value": 0.75, "same": 3, "n": 4}
+    assert math.isnan(metrics.agreement([], [])["value"])

@@ -56,7 +56,7 @@ def run_dir(tmp_path_factory):
     write_json(root / "manifest.json", manifest)
     config = load_config(overrides={"input_size": SIZE, "alpha": 0.35, "weights": None, "batch_size": 8,
                                     "qat": {"epochs": 1, "settle_steps": 8},
-                                    "export": {"calibration_images": 12}})
+                                    "export": {"calibration_images": 12, "gate": 0.25}})
     write_json(root / "config.json", {**config, "run": {"fold": None}})
     run = open_run(root)
     from train.data import load_arrays
@@ -146,6 +146,111 @@ def test_finished_exports_are_not_redone(run_dir, exported):
     assert other["int8_ptq"]["status"] == "exported"
     assert other["int8_ptq"]["sidecar"]["input"]["dtype"] == "uint8"
     assert checks.float_ops(checks.list_ops((run_dir / "models" / "int8_ptq.tflite").read_bytes())) == []
+
+
+def test_a_threshold_chosen_after_an_export_is_exported(run_dir, exported):
+    run = open_run(run_dir)
+    chosen = calibration_items(run.sides()["train"], 12, 0)
+    rule = {"positive": "malignant", "value": 0.3}  # export carries it as is (evaluate is what checks binary tasks)
+    write_json(run_dir / "threshold.json", {**rule, "chosen_on": "val"})
+    try:
+        again = export_variants(run, ["fp32"], chosen, "int8")
+        assert again["fp32"]["status"] == "exported"
+        assert json.loads((run_dir / "models" / "fp32.json").read_text())["threshold"] == rule
+        assert read_metadata((run_dir / "models" / "fp32.tflite").read_bytes())["extra"]["threshold"] == rule
+    finally:
+        (run_dir / "threshold.json").unlink()
+    dropped = export_variants(run, ["fp32"], chosen, "int8")
+    assert dropped["fp32"]["status"] == "exported" and dropped["fp32"]["sidecar"]["threshold"] is None
+
+
+def test_an_int8_export_with_float_ops_is_refused_before_it_is_written(run_dir, exported, monkeypatch):
+    from quantize import export
+
+    models = run_dir / "models"
+    before = {p.name: p.read_bytes() for p in models.glob("int8_ptq.*")}
+    # A "quantized" model that still computes in float, as a layer that does not quantize leaves it.
+    monkeypatch.setattr(export, "convert", lambda *args: (models / "fp32.tflite").read_bytes())
+    run = open_run(run_dir)
+    with pytest.raises(checks.FloatOpError, match="still run in float"):
+        export_variants(run, ["int8_ptq"], calibration_items(run.sides()["train"], 5, 0), "int8")
+    assert {p.name: p.read_bytes() for p in models.glob("int8_ptq.*")} == before
+    assert not [p.name for p in models.iterdir() if p.name.startswith(".")]  # no temporary left either
+
+
+def test_export_gate_defaults_to_the_config_and_the_flag_wins(run_dir, exported):
+    from oncolite.cli import main as oncolite
+
+    report = run_dir / "models" / "export_report.json"
+    assert oncolite(["export", str(run_dir), "--variants", "fp32", "--quiet"]) == 0
+    assert json.loads(report.read_text())["gate"] == 0.25  # config export.gate
+    assert oncolite(["export", str(run_dir), "--variants", "fp32", "--gate", "0.5", "--quiet"]) == 0
+    assert json.loads(report.read_text())["gate"] == 0.5
+
+
+def test_the_input_grid_is_exact_for_uint8_pixels(run_dir, exported):
+    """mean = std = 128 and a calibration range that spans every pixel: scale 1/128, zero point 0,
+    so p - 128 is the int8 input with no rounding."""
+    side = exported["int8_ptq"]["sidecar"]
+    assert side["preprocessing"]["mean"] == [128.0] * 3 and side["preprocessing"]["std"] == [128.0] * 3
+    assert side["input"]["scale"] == 1 / 128 and side["input"]["zero_point"] == 0
+
+
+def test_shipped_int8_is_the_most_faithful_candidate(run_dir, exported):
+    """`int8` is never less faithful on validation than plain PTQ of the same run: it is the
+    candidate with the highest validation agreement (then the smallest mean |Δp|)."""
+    from quantize.export import Validation, choose_int8
+    from train.model import load_float_model
+
+    run = open_run(run_dir)
+    chosen = calibration_items(run.sides()["train"], 12, 0)
+    result = export_variants(run, ["int8_ptq", "int8_gptq", "int8", "int8_uint8"], chosen, "int8")
+    selection = result["int8"]["selection"]
+    candidates = selection["candidates"]
+    assert {"int8_ptq", "int8_gptq"} <= set(candidates)
+    validation = Validation(run, load_float_model(run_dir / "models" / "float.keras"))
+    for name, facts in candidates.items():  # the figures the choice was made on are the real ones
+        again = validation.fidelity((run_dir / "models" / f"{name}.tflite").read_bytes())
+        assert again["agreement"] == facts["agreement"]
+    assert candidates[selection["from"]]["agreement"] >= candidates["int8_ptq"]["agreement"]
+    assert choose_int8(candidates) == selection["from"]
+    assert (run_dir / "models" / "int8.tflite").read_bytes() == (run_dir / "models" / f"{selection['from']}.tflite").read_bytes()
+    shipped = json.loads((run_dir / "models" / "int8.json").read_text())
+    assert shipped["variant"] == "int8" and shipped["selection"]["from"] == selection["from"]
+    assert isinstance(shipped["uncertain_margin"], float) and 0 <= shipped["uncertain_margin"] <= 1
+    # The uint8 twin: the same model with uint8 I/O and a static batch of 1 (MediaPipe, LiteRT.js).
+    twin = result["int8_uint8"]["sidecar"]
+    assert twin["input"]["dtype"] == "uint8" and twin["input"]["shape"] == [1, SIZE, SIZE, 3]
+    assert twin["input"]["scale"] == 1 / 128 and twin["input"]["zero_point"] == 128
+    assert result["int8_uint8"]["float_ops"] == []
+    again = export_variants(run, ["int8_ptq", "int8_gptq", "int8", "int8_uint8"], chosen, "int8")
+    assert {v["status"] for v in again.values()} == {"up to date"}
+
+
+def test_choose_int8_prefers_agreement_then_the_smaller_probability_change():
+    from quantize.export import choose_int8
+
+    assert choose_int8({"int8_ptq": {"agreement": 0.9, "mean_abs_prob_diff": 0.01},
+                        "int8_qat": {"agreement": 0.95, "mean_abs_prob_diff": 0.05}}) == "int8_qat"
+    assert choose_int8({"int8_ptq": {"agreement": 0.95, "mean_abs_prob_diff": 0.02},
+                        "int8_gptq": {"agreement": 0.95, "mean_abs_prob_diff": 0.01}}) == "int8_gptq"
+    assert choose_int8({}) is None
+
+
+def test_uncertain_band_covers_every_validation_flip():
+    """Outside the band the int8 decision is the float decision on every validation image."""
+    from edge_runtime.decision import decisions, margin_errors, margins
+
+    rng = np.random.default_rng(0)
+    ref = rng.dirichlet(np.ones(3), 400)
+    noisy = np.clip(ref + rng.normal(0, 0.05, ref.shape), 1e-6, None)
+    noisy /= noisy.sum(1, keepdims=True)
+    band = margin_errors(ref, noisy).max()
+    outside = margins(noisy) >= band
+    assert outside.any() and (~outside).any()
+    assert np.array_equal(decisions(noisy)[outside], decisions(ref)[outside])
+    flips = decisions(noisy) != decisions(ref)
+    assert flips.any() and not (flips & outside).any()
 
 
 def test_gate_report_int8_agrees_with_float(run_dir, exported):

@@ -45,6 +45,7 @@ class FakeModel:
     prep = Preprocessing(32, 32)
     backend = "fake"
     threshold = None
+    uncertain_margin = None
     sha256 = "0" * 64
 
     def __init__(self):
@@ -137,11 +138,12 @@ def tiny_tflite(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running_server(app, host="127.0.0.1"):
-    """A real uvicorn server on a free loopback port in a background thread; yields its base URL."""
+def running_server(app, host="127.0.0.1", **config):
+    """A real uvicorn server on a free loopback port in a background thread; yields its base URL.
+    `config`: server.uvicorn_config's timeouts and limits."""
     sock = server.bind(host, 0)
     port = sock.getsockname()[1]
-    uv = uvicorn.Server(server.uvicorn_config(app, quiet=True))
+    uv = uvicorn.Server(server.uvicorn_config(app, quiet=True, **config))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -198,6 +200,7 @@ def test_multipart_upload_gets_label_probabilities_and_notice(client, label):
     assert isinstance(body["latency_ms"], float) and math.isfinite(body["latency_ms"])
     assert body["model"]["labels"] == LABELS
     assert "not a diagnosis" in body["notice"]
+    assert body["decision_rule"] == "highest probability" and body["uncertain"] is None  # no band
 
 
 def test_raw_body_upload_is_accepted(client):
@@ -284,7 +287,7 @@ def test_declared_oversized_upload_is_refused_before_the_body_is_sent(fake):
     # A real server answers 413 from the headers alone: the client never sends the 50 MB.
     app = server.create_app(fake, max_upload_bytes=1024)
     with running_server(app) as url:
-        status, body = raw_request(url, b"POST /api/predict HTTP/1.1\r\nHost: x\r\n"
+        status, body = raw_request(url, b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                         b"Content-Type: image/png\r\nContent-Length: 52428800\r\n\r\n")
     assert status == 413 and b"MB" in body
     assert fake.calls == 0
@@ -294,7 +297,7 @@ def test_slow_client_times_out_with_408(fake):
     app = server.create_app(fake, body_timeout_s=0.5)
     with running_server(app) as url:
         # Declares 1000 bytes, sends 10, then stalls.
-        status, body = raw_request(url, b"POST /api/predict HTTP/1.1\r\nHost: x\r\n"
+        status, body = raw_request(url, b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                         b"Content-Type: image/png\r\nContent-Length: 1000\r\n\r\n0123456789")
     assert status == 408 and b"retry" in body
     assert fake.calls == 0
@@ -316,7 +319,7 @@ def test_unknown_and_traversal_paths_get_404(client, path):
 def test_traversal_sent_verbatim_to_a_real_server_gets_404(fake):
     with running_server(server.create_app(fake)) as url:
         for path in TRAVERSALS:
-            status, body = raw_request(url, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            status, body = raw_request(url, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
             assert status in (400, 404), path  # uvicorn itself may refuse a malformed target
             assert b"import" not in body and b"root:" not in body, path
 

@@ -1,6 +1,7 @@
 import csv
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -189,3 +190,71 @@ def test_external_csv_split_accepted_and_leaks_refused(tmp_path):
     with pytest.raises(ManifestError, match="p1"):
         load_manifest(table)
     assert root.exists()
+
+
+# ---------------------------------------------------------------- issue 20: what a new user trips over
+
+def test_a_one_image_group_moved_across_sides_is_refused(busi_like_manifest):
+    # `split` is fold 0 (the fold a run without --fold trains on): moving a one-image group in
+    # `split` alone puts it on two sides of fold 0, like moving one image of a larger group.
+    def move(raw):
+        item = next(item for item in raw["items"]
+                    if item["split"] == "train" and sum(i["group"] == item["group"] for i in raw["items"]) == 1)
+        item["split"] = "test"
+    _tamper(busi_like_manifest, move)
+    with pytest.raises(ManifestError, match=r"is on two sides in fold 0 \(the manifest's split\)"):
+        load_manifest(busi_like_manifest)
+
+
+def test_too_few_groups_names_the_option_that_asked_for_the_folds(tmp_path, capsys):
+    root = folder_tree(tmp_path / "data", {"a": 8, "b": 8})
+    # 2 outer folds leave 8 training images; --val-fraction 0.1 asks for 5 inner folds of them.
+    assert oncolite(["split", str(root), "--out", str(tmp_path / "m.json"), "--folds", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "(--val-fraction 0.1 makes the val side 1 of 5 parts of the training side)" in err
+    assert "use --val-fraction 0.13 or more, or add data" in err and err.count("\n") == 1
+    assert oncolite(["split", str(root), "--out", str(tmp_path / "m.json"), "--folds", "20", "--quiet"]) == 2
+    assert "16 groups cannot make 20 folds (--folds 20); use --folds 16 or fewer" in capsys.readouterr().err
+    assert oncolite(["split", str(root), "--out", str(tmp_path / "m.json"), "--folds", "2", "--val-fraction", "0.13",
+                     "--quiet"]) == 0
+
+
+def test_a_subtype_split_warns_which_fold_and_side_lack_which_labels(tmp_path, capfd):
+    # 12 patients, 8 subtypes, 5 of them with a single patient: a patient-grouped split cannot
+    # give every fold's training side every subtype.
+    breakhis_tree(tmp_path / "data", mags=(40,))
+    out = tmp_path / "subtype.json"
+    assert oncolite(["split", str(tmp_path / "data"), "--label-scheme", "subtype", "--folds", "3",
+                     "--val-fraction", "0.25", "--out", str(out), "--quiet"]) == 0
+    err = capfd.readouterr().err
+    manifest = json.loads(out.read_text())
+    lacking = {(fold, side): [label for label, n in counts.items() if not n]
+               for fold, sides in enumerate(manifest["summary"]) for side, counts in sides.items()}
+    assert any(lacking[(fold, "train")] for fold in range(3))
+    for (fold, side), missing in lacking.items():
+        line = f"warning: fold {fold}: the {side} side has no images of {', '.join(missing)}; "
+        assert (line in err) == bool(missing), (line, err)
+    assert "`oncolite train` refuses it (fewer --folds or another --seed, or more data)" in err
+
+
+def test_a_published_fold_with_no_malignant_training_image_is_warned_at_split_and_refused_at_train(tmp_path, capfd):
+    from train.train import check_training_labels
+
+    paths = breakhis_tree(tmp_path, mags=(40,))
+    table = write_folds_csv(tmp_path, paths, folds=2)
+    rows = list(csv.reader(table.open()))
+    for row in rows[1:]:
+        if row[0] == "2":  # published fold 2: every malignant patient on the test side
+            row[2] = "test" if "SOB_M_" in row[3] else "train"
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    out = tmp_path / "published.json"
+    assert oncolite(["split", str(table), "--use-folds-csv", "--out", str(out), "--json"]) == 0
+    captured = capfd.readouterr()
+    line = ("fold 1 (Folds.csv fold 2): the train side has no images of malignant; `oncolite train` refuses it "
+            "(as Folds.csv assigns it, or more data)")
+    assert f"warning: {line}\n" in captured.err and line in json.loads(captured.out)["warnings"]
+    manifest = load_manifest(out)
+    check_training_labels(manifest, 0)
+    with pytest.raises(ManifestError, match="^" + re.escape(f"{out}: fold 1 has no training images of malignant; ")):
+        check_training_labels(manifest, 1)

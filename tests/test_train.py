@@ -48,7 +48,7 @@ def planted_manifest(folder: Path, classes: dict, counts=(48, 16, 16), folds: in
     """Images of `classes` ({label: function(rng) -> quadrant or None}) and a manifest over them.
 
     counts: images per class on train, val and test. folds > 0 adds a `cv` column rotating
-    val/test through the items.
+    val through the items; the manifest's `split` is then fold 0, as `oncolite split` writes it.
     """
     rng = np.random.default_rng(seed)
     images = folder / "images"
@@ -64,6 +64,7 @@ def planted_manifest(folder: Path, classes: dict, counts=(48, 16, 16), folds: in
     if folds:
         for n, item in enumerate(items):
             item["cv"] = ["val" if n % folds == k else "train" for k in range(folds)]
+            item["split"] = item["cv"][0]
     manifest = {"format": "oncolite-manifest/1", "root": str(folder), "labels": list(classes), "seed": seed,
                 "split": {"kind": "random", "folds": max(folds, 1)}, "items": items}
     path = folder / "manifest.json"

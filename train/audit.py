@@ -1,9 +1,11 @@
 """`oncolite audit DATA`: what is in a dataset before anyone trains on it.
 
-Counts per class; sizes, modes, bit depths; unreadable, truncated or non-image files (listed,
-never fatal); masks; exact duplicates (sha256 of the decoded pixels); near duplicates (pHash,
-Hamming <= threshold); duplicate groups (connected components of both); cross-label conflicts
-(a group holding more than one label); per-class intensity statistics and histograms.
+Counts per class (for histology sets also patients per class, images per magnification and
+patients crossing the published folds of a BreakHis Folds.csv); sizes, modes, bit depths;
+unreadable, truncated or non-image files (listed, never fatal); masks; exact duplicates (sha256
+of the decoded pixels); near duplicates (pHash, Hamming <= threshold); duplicate groups
+(connected components of both); cross-label conflicts (a group holding more than one label);
+per-class intensity statistics and histograms.
 Writes audit.json, audit.md and intensity.png into --out.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -24,7 +27,7 @@ from edge_runtime.console import add_output_flags, print_json, printable, progre
 from edge_runtime.errors import EXIT_OK, ImageError
 from edge_runtime.hashing import bytes_sha256, file_sha256
 from edge_runtime.preprocess import open_image
-from train.datasets import Dataset, add_dataset_arguments, dataset_from_args
+from train.datasets import Dataset, add_dataset_arguments, dataset_from_args, patients_crossing_folds
 from train.duplicates import components, equal_value_pairs, near_duplicate_pairs
 from train.plots import pyplot, save_png
 
@@ -159,6 +162,27 @@ def _exact_groups(audit: Audit) -> list[list[int]]:
     return [m for m in by_pixels.values() if len(m) > 1]
 
 
+def histology(ds: Dataset) -> dict:
+    """Patients per class, images per magnification and class, and patients crossing the
+    published folds, for the layouts whose file names carry them (BreakHis, IDC); else {}."""
+    out: dict = {}
+    patients = {label: set() for label in ds.labels}
+    for r in ds.records:
+        if r.meta.get("patient") is not None:
+            patients[r.label].add(r.meta["patient"])
+    if any(patients.values()):
+        out["patients"] = {"total": len(set().union(*patients.values())),
+                           "per_class": {label: len(p) for label, p in patients.items()}}
+    magnifications = Counter((r.meta["magnification"], r.label) for r in ds.records if "magnification" in r.meta)
+    if magnifications:
+        out["magnifications"] = {f"{m}X": {label: magnifications[(m, label)] for label in ds.labels}
+                                 for m in sorted({m for m, _ in magnifications})}
+    if any("folds" in r.meta for r in ds.records):
+        out["published_folds"] = {"folds": sorted({f for r in ds.records for f in r.meta.get("folds", {})}),
+                                  "patients_crossing_folds": patients_crossing_folds(ds.records)}
+    return out
+
+
 def report(audit: Audit, command: str = "", max_listed_pairs: int = 10_000) -> dict:
     """The audit as a JSON-ready dict (paths relative to the dataset root)."""
     ds, facts = audit.dataset, audit.facts
@@ -185,6 +209,7 @@ def report(audit: Audit, command: str = "", max_listed_pairs: int = 10_000) -> d
         "readable": len(ok),
         "labels": ds.labels,
         "counts": {label: counts[label] for label in ds.labels},
+        **histology(ds),
         "skipped_at_ingest": [{"path": ds.relative(s.path), "reason": s.reason} for s in ds.skipped],
         "unreadable": [{"path": _rel(audit, k), "reason": f.reason} for k, f in enumerate(facts) if not f.ok],
         "sizes": _counted(f"{f.width}x{f.height}" for f in ok),
@@ -225,8 +250,26 @@ def markdown(rep: dict) -> str:
              f"Layout `{rep['layout']}`: {rep['images']} images, {rep['readable']} readable; "
              f"pHash {rep['settings']['hash_size']}x{rep['settings']['hash_size']}, near duplicate = "
              f"Hamming distance <= {rep['settings']['threshold']}.", "",
-             "## Classes", "", "| class | images |", "| --- | --- |"]
-    lines += [f"| {label} | {n} |" for label, n in rep["counts"].items()]
+             "## Classes", ""]
+    patients = rep.get("patients")
+    if patients:
+        lines += [f"{patients['total']} patients.", "", "| class | images | patients |", "| --- | --- | --- |"]
+        lines += [f"| {label} | {n} | {patients['per_class'][label]} |" for label, n in rep["counts"].items()]
+    else:
+        lines += ["| class | images |", "| --- | --- |"]
+        lines += [f"| {label} | {n} |" for label, n in rep["counts"].items()]
+    if rep.get("magnifications"):
+        lines += ["", "## Magnifications", "", "| magnification | " + " | ".join(rep["labels"]) + " | images |",
+                  "| --- |" + " --- |" * (len(rep["labels"]) + 1)]
+        lines += [f"| {m} | " + " | ".join(str(n) for n in row.values()) + f" | {sum(row.values())} |"
+                  for m, row in rep["magnifications"].items()]
+    if rep.get("published_folds"):
+        crossing = rep["published_folds"]["patients_crossing_folds"]
+        lines += ["", "## Published folds", "",
+                  f"Folds {', '.join(map(str, rep['published_folds']['folds']))}; "
+                  f"**patients on both sides of a fold: {len(crossing)}** "
+                  "(`oncolite split --use-folds-csv` excludes them)."]
+        lines += [f"- patient {c['patient']}: folds {', '.join(map(str, c['folds']))}" for c in crossing]
     lines += ["", "## Files", "",
               f"- sizes: {_top(rep['sizes'])}", f"- modes: {_top(rep['modes'])}",
               f"- bit depths: {_top(rep['bit_depths'])}", f"- formats: {_top(rep['formats'])}",
@@ -322,15 +365,25 @@ def main(args) -> int:
     audit = audit_from_args(args)
     command = command_line("audit", args, "data", {"out": None, **DATASET_DEFAULTS})
     rep = write_audit(audit, args.out, command)
+    crossing = rep.get("published_folds", {}).get("patients_crossing_folds", [])
     summary = {"out": args.out, "images": rep["images"], "unreadable": len(rep["unreadable"]),
                "near_duplicate_pairs": rep["near_duplicates"]["pairs"],
                "duplicate_groups": rep["duplicate_groups"]["groups"],
                "conflicts": rep["conflicts"]["groups"], "conflict_images": rep["conflicts"]["images"],
-               "seconds": rep["seconds"]}
+               "patients": rep.get("patients", {}).get("total"), "magnifications": rep.get("magnifications"),
+               "patients_crossing_folds": crossing, "seconds": rep["seconds"]}
+    # On stderr even with --quiet or --json, like split's: a leaking published split must not pass unnoticed.
+    for c in crossing:
+        print(f"warning: patient {c['patient']} crosses published folds {c['folds']}", file=sys.stderr)
     if args.json:
         print_json(summary)
+    patients = []
+    if summary["patients"]:
+        mags = ", ".join(f"{m} {sum(row.values())}" for m, row in (summary["magnifications"] or {}).items())
+        patients.append(f"{summary['patients']} patients" + (f"; images per magnification: {mags}" if mags else ""))
     say(args, f"{rep['images']} images ({', '.join(f'{k} {v}' for k, v in rep['counts'].items())}), "
               f"{len(rep['unreadable'])} unreadable, {len(rep['skipped_at_ingest'])} skipped",
+        *patients,
         f"{summary['near_duplicate_pairs']} near-duplicate pairs, {summary['duplicate_groups']} duplicate groups, "
         f"{summary['conflicts']} cross-label conflicts ({summary['conflict_images']} images)",
         f"report: {os.path.join(args.out, 'audit.md')}")

@@ -15,16 +15,33 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 from edge_runtime.errors import OncoliteError
-from edge_runtime.preprocess import Preprocessing
+# _RESAMPLE: the one preprocessing's resampling filters (edge_runtime has no public name for them yet).
+from edge_runtime.preprocess import _RESAMPLE, Preprocessing
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULTS_PATH = CONFIG_DIR / "defaults.json"
 # A run directory's config.json carries this provenance section beside the settings; it is
 # not a setting, so `--config RUN_DIR/config.json` reproduces a run.
 PROVENANCE_KEY = "run"
+# Keys added to defaults.json with a default that differs from what older runs used: a stored
+# config without the key gets the value that run was trained with, not today's default.
+# (mean/std: runs before the int8-exact input contract normalized with MobileNetV2's 127.5.)
+LEGACY_DEFAULTS = {"mean": 127.5, "std": 127.5}
+
+# MobileNetV2 ImageNet weights shipped in the repo, by width (alpha). weights="imagenet" means
+# one of these files, never Keras' download: a run must not depend on the network at run time.
+SHIPPED_WEIGHTS = {1.0: CONFIG_DIR.parent / "pretrained" / "mobilenet_v2_1.0_224_imagenet_no_top.h5"}
+HEADS = ("compact", "reference")
+# The variants `oncolite export` can make: the ones it makes by default (defaults.json's own list).
+EXPORT_VARIANTS = tuple(json.loads(DEFAULTS_PATH.read_text(encoding="utf-8"))["export"]["variants"])
+# quantize/export.py's IO_CHOICES (a test keeps them equal: this layer cannot import quantize/).
+INT8_IO = ("int8", "uint8", "float")
+# MobileNetV2's smallest input side (tf-keras refuses anything smaller).
+MIN_INPUT_SIZE = 32
 
 
 class ConfigError(OncoliteError):
@@ -101,7 +118,7 @@ def load_config(dataset: str | None = None, profile: str | None = None, path: st
     for source, layer in layers:
         validate(layer, defaults, source)
         config = deep_merge(config, layer)
-    check_values(config)
+    check_values(config, layers)
     return config
 
 
@@ -110,8 +127,9 @@ def stored_config(path: str | Path) -> dict:
 
     The stored settings win and are not validated against today's defaults: the run was
     started with them. Keys defaults.json gained since only fill what an older run lacks, so
-    code reading a key finds one; compare with `same_settings`, which ignores such keys."""
-    return deep_merge(read_config_file(DEFAULTS_PATH), read_config_file(path))
+    code reading a key finds one; compare with `same_settings`, which ignores such keys.
+    A key in LEGACY_DEFAULTS fills with the value older runs used instead."""
+    return deep_merge(deep_merge(read_config_file(DEFAULTS_PATH), LEGACY_DEFAULTS), read_config_file(path))
 
 
 def same_settings(a: dict, b: dict) -> bool:
@@ -126,19 +144,174 @@ def same_settings(a: dict, b: dict) -> bool:
     return True
 
 
-def check_values(config: dict) -> None:
-    """The few values whose mistakes would otherwise surface deep inside TensorFlow."""
-    choices = {"monitor": ("val_mcc", "val_loss"), "head": ("compact", "reference"),
-               "lr_schedule": ("constant", "cosine", "plateau"),
-               "mixed_precision": ("auto", True, False), "distribute": ("auto", "none", "mirrored", "multiworker")}
-    for key, allowed in choices.items():
-        if config[key] not in allowed:
-            raise ConfigError(f"config: {key}={config[key]!r} is not one of {', '.join(map(repr, allowed))}")
+def resolve_weights(alpha: float, weights: str | None) -> str | None:
+    """The backbone weights file for `weights` ("imagenet", a path, or None: random
+    initialization) at width `alpha`; a ConfigError naming what to use when there is none."""
+    if weights is None:
+        return None
+    if weights == "imagenet":
+        shipped = SHIPPED_WEIGHTS.get(alpha)
+        if shipped is None or not shipped.is_file():
+            have = ", ".join(f"alpha {a} ({p.relative_to(CONFIG_DIR.parent)})" for a, p in SHIPPED_WEIGHTS.items()
+                             if p.is_file()) or "no width"
+            raise ConfigError(f"config: weights=\"imagenet\" with alpha={alpha}: ImageNet weights are shipped for {have} "
+                              f"and nothing is downloaded; use --set alpha=1.0, a local MobileNetV2 alpha {alpha} weights "
+                              "file (--set weights=PATH.h5), or no pretrained weights (--set weights=null)")
+        return str(shipped)
+    if isinstance(weights, str) and weights and Path(weights).expanduser().is_file():
+        return str(Path(weights).expanduser())
+    raise ConfigError(f"config: weights={json.dumps(weights)} must be \"imagenet\" (the shipped ImageNet weights), "
+                      "null (random initialization: --set weights=null) or the path of an existing Keras weights file (.h5)")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(low: int):
+    return (lambda v: _is_int(v) and v >= low), f"an integer >= {low}"
+
+
+def _number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = True, unit: str = ""):
+    def ok(v):
+        return (_is_number(v) and (v > low if low_open else v >= low)
+                and (high is None or (v < high if high_open else v <= high)))
+    interval = f"> {low:g}" if high is None and low_open else f">= {low:g}" if high is None else \
+        f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return ok, f"a number {interval}{unit}"
+
+
+def _one_of(*choices):
+    return (lambda v: any(v == c and type(v) is type(c) for c in choices)), \
+        f"one of {', '.join(json.dumps(c) for c in choices)}"
+
+
+def _list_of(rule, allow_empty: bool = False):
+    test, accepted = rule
+    return ((lambda v: isinstance(v, list) and (allow_empty or bool(v)) and all(test(x) for x in v)),
+            f"a{'' if allow_empty else ' non-empty'} list, each {accepted}")
+
+
+def _range_of(rule):
+    test, accepted = rule
+    return (lambda v: isinstance(v, list) and len(v) == 2 and all(map(test, v)) and v[0] <= v[1]), \
+        f"[low, high] with low <= high, each {accepted}"
+
+
+def _channels(rule):
+    test, accepted = rule
+    return (lambda v: test(v) or (isinstance(v, list) and len(v) == 3 and all(map(test, v)))), \
+        f"{accepted}, or a list of 3 such numbers (R, G, B)"
+
+
+_BOOL = ((lambda v: isinstance(v, bool)), "true or false")
+_LR = _number(0, low_open=True)
+_EPOCHS = _integer(0)
+# Every setting of configs/defaults.json but `weights` (checked with `alpha` by resolve_weights):
+# dotted name -> (test, what it accepts).
+RULES = {
+    "input_size": ((lambda v: _is_int(v) and v >= MIN_INPUT_SIZE), f"an integer >= {MIN_INPUT_SIZE} (pixels)"),
+    "resample": _one_of(*_RESAMPLE),
+    "mean": _channels(_number(0, 255, high_open=False)),
+    "std": _channels(_number(0, low_open=True)),
+    "alpha": _number(0, low_open=True),
+    "head": _one_of(*HEADS),
+    "dropout": _number(0, 1),
+    "dense_units": _integer(0),
+    "int8_grid_layers": _list_of(((lambda v: isinstance(v, str) and bool(v)), "a layer name"), allow_empty=True),
+    "batch_size": _integer(1),
+    "head_epochs": _EPOCHS,
+    "finetune_epochs": _EPOCHS,
+    "head_lr": _LR,
+    "finetune_lr": _LR,
+    "finetune_depth": _integer(0),
+    "monitor": _one_of("val_mcc", "val_loss"),
+    "patience": _integer(1),
+    "lr_schedule": _one_of("constant", "cosine", "plateau"),
+    "class_weights": _BOOL,
+    "oversample": _BOOL,
+    "augment.rotation": _number(0, 180, high_open=False, unit=" (degrees)"),
+    "augment.shift": _number(0, 1, unit=" (fraction of the side)"),
+    "augment.shear": _number(0, 1.5, high_open=False, unit=" (radians)"),
+    "augment.zoom": _number(0, 1, unit=" (fraction of the side)"),
+    "augment.hflip": _BOOL,
+    "augment.vflip": _BOOL,
+    "augment.rot90": _BOOL,
+    "augment.color_jitter": _number(0, 1, high_open=False),
+    "cache": _one_of("auto", True, False),
+    "seed": _integer(0),
+    "deterministic": _BOOL,
+    "mixed_precision": _one_of("auto", True, False),
+    "distribute": _one_of("auto", "none", "mirrored", "multiworker"),
+    "folds": _integer(1),
+    "tune.trials": _integer(0),
+    "tune.epochs": _integer(1),
+    "tune.lr": _range_of(_LR),
+    "tune.dropout": _range_of(_number(0, 1)),
+    "tune.dense_units": _list_of(_integer(0)),
+    "tune.finetune_depth": _list_of(_integer(0)),
+    "qat.epochs": _EPOCHS,
+    "qat.lr": _LR,
+    "qat.settle_steps": _integer(0),
+    "qat.freeze_bn": _BOOL,
+    "qat.distill": _BOOL,
+    "qat.distill_weight": _number(0, 1, high_open=False),
+    "qat.temperature": _number(0, low_open=True),
+    "qat.patience": _integer(1),
+    "export.calibration_images": _integer(1),
+    "export.variants": _list_of(_one_of(*EXPORT_VARIANTS)),
+    "export.int8_io": _one_of(*INT8_IO),
+    "export.gate": _number(0, 1, high_open=False),
+    "benchmark.threads": _list_of(_integer(1), allow_empty=True),
+    "benchmark.warmup": _integer(0),
+    "benchmark.runs": _integer(1),
+}
+
+
+def _lookup(config: dict, name: str):
+    for part in name.split("."):
+        config = config[part]
+    return config
+
+
+def _set_by(layers: list[tuple[str, dict]], name: str) -> int:
+    """Index of the last layer that sets dotted `name` (-1: only the defaults)."""
+    for index in range(len(layers) - 1, -1, -1):
+        node = layers[index][1]
+        for part in name.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return index
+    return -1
+
+
+def check_values(config: dict, layers: list[tuple[str, dict]] = ()) -> None:
+    """Every setting's type and range, before any work starts: a mistake is one line naming the
+    setting, where it came from and what it accepts, not a traceback from inside TensorFlow (or
+    a download) later. `layers`: (source, settings) over the defaults, in load_config's order."""
+    layers = list(layers)
+
+    def where(*names: str) -> str:
+        index = max(_set_by(layers, name) for name in names)
+        return layers[index][0] if index >= 0 else str(DEFAULTS_PATH)
+
+    for name, (test, accepted) in RULES.items():
+        value = _lookup(config, name)
+        if not test(value):
+            raise ConfigError(f"{where(name)}: {name}={json.dumps(value)} must be {accepted}")
     if config["head_epochs"] + config["finetune_epochs"] < 1:
-        raise ConfigError("config: head_epochs + finetune_epochs must be at least 1")
-    for key in ("input_size", "batch_size"):
-        if not isinstance(config[key], int) or config[key] < 1:
-            raise ConfigError(f"config: {key} must be a positive integer, got {config[key]!r}")
+        raise ConfigError(f"{where('head_epochs', 'finetune_epochs')}: head_epochs + finetune_epochs must be at least 1")
+    try:
+        resolve_weights(config["alpha"], config["weights"])
+    except ConfigError as e:
+        # Named after whichever of the two was set last: the one the user just changed.
+        raise ConfigError(f"{where('weights', 'alpha')}: {str(e).removeprefix('config: ')}") from None
 
 
 def parse_overrides(pairs: list[str] | None) -> dict:
@@ -162,4 +335,5 @@ def parse_overrides(pairs: list[str] | None) -> dict:
 
 def preprocessing(config: dict) -> Preprocessing:
     """The model's input contract from a resolved config (the one preprocessing's parameters)."""
-    return Preprocessing(height=config["input_size"], width=config["input_size"], resample=config["resample"])
+    return Preprocessing(height=config["input_size"], width=config["input_size"], mean=config["mean"],
+                         std=config["std"], resample=config["resample"])

@@ -413,6 +413,20 @@ def _parse_folds_csv(table: Path, rows, columns, label_scheme, magnifications):
     return records, skipped
 
 
+def patients_crossing_folds(records, keep=None) -> list[dict]:
+    """Patients with images on both sides of a published fold (`meta["folds"]` of breakhis-folds
+    records; `keep`: record indices to look at, default all): [{"patient", "folds"}], by patient."""
+    sides: dict[tuple[str, int], set] = {}
+    for k in range(len(records)) if keep is None else keep:
+        for fold, side in records[k].meta.get("folds", {}).items():
+            sides.setdefault((records[k].group, fold), set()).add(side)
+    crossing: dict[str, list[int]] = {}
+    for (patient, fold), seen in sorted(sides.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        if len(seen) > 1:
+            crossing.setdefault(patient, []).append(fold)
+    return [{"patient": p, "folds": f} for p, f in crossing.items()]
+
+
 # ---- command-line options shared by audit and split ----
 
 def add_dataset_arguments(parser) -> None:

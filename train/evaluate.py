@@ -76,9 +76,9 @@ def keras_preprocessing(model, run_dir=None) -> Preprocessing:
     with the default normalization and resampling."""
     config_path = Path(run_dir) / "config.json" if run_dir else None
     if config_path and config_path.is_file():
-        from train.config import preprocessing
+        from train.config import preprocessing, stored_config
 
-        return preprocessing(json.loads(config_path.read_text()))
+        return preprocessing(stored_config(config_path))
     _, height, width, _ = model.input_shape
     return Preprocessing(height=height, width=width)
 
@@ -182,7 +182,7 @@ def evaluate(model_arg, manifest_path=None, *, side: str = "test", fold=None, ou
                            "patient_level": patient_report([items[i] for i in idx], probs[idx], y[idx], labels,
                                                            bootstrap, op_value, op_positive)}
                 for mag, idx in by_mag.items()}
-    pred = metrics.predictions(probs, op_value, None if op is None else labels.index(op["positive"]))
+    pred = metrics.decisions(probs, op, labels)
     report["errors"] = error_list(items, y, pred, probs, labels)
     report["files"] = write_report(report, items, y, pred, probs, out, run_dir)
     return report
@@ -308,7 +308,7 @@ def markdown(report) -> str:
              f"- model sha256: `{report['model_sha256']}`"]
     op = report["operating_point"]
     if op:
-        how = f"chosen on {op['chosen_on']}"
+        how = f"chosen on {op.get('chosen_on', 'file')}"  # a hand-written threshold.json may not say
         if "target_sensitivity" in op:
             how += f" for sensitivity >= {op['target_sensitivity']}"
         lines.append(f"- operating point: {op['positive']} when p >= {op['value']:.4f} ({how})")
@@ -439,7 +439,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("model", metavar="MODEL", help="a .keras or .tflite model, or a run directory")
     parser.add_argument("--manifest", metavar="M", help="the manifest (default: RUN_DIR/manifest.json)")
     parser.add_argument("--side", choices=("test", "val", "train"), default="test", help="which side to evaluate (default test)")
-    parser.add_argument("--fold", type=int, help="cross-validation fold (its sides, and RUN_DIR/folds/<i> if present)")
+    parser.add_argument("--fold", type=int, help="cross-validation fold (its sides, and RUN_DIR/folds/<i> if present); "
+                                                       "default: the fold the run trained on (its config.json)")
     parser.add_argument("--out", metavar="DIR", help="report folder (default RUN_DIR/eval/<model>/, or eval/<model>/ beside the model)")
     parser.add_argument("--threshold", default="auto",
                         help="binary decision: auto (the model's or RUN_DIR/threshold.json, else argmax), none (argmax) or a probability P")
@@ -472,7 +473,7 @@ def main(args) -> int:
     say(args, f"{Path(report['model']).name} on {image['n']} {report['side']} images:")
     if report["operating_point"]:
         op = report["operating_point"]
-        say(args, f"  operating point: {op['positive']} when p >= {op['value']:.4f} (chosen on {op.get('chosen_on', '?')})")
+        say(args, f"  operating point: {op['positive']} when p >= {op['value']:.4f} (chosen on {op.get('chosen_on', 'file')})")
     for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "mcc", "sensitivity", "specificity"):
         if name in image["metrics"]:
             value, ci = _fmt(image["metrics"][name])

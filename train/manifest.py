@@ -113,7 +113,7 @@ def verify_manifest(manifest: Manifest, check_hashes: bool = True, quiet: bool =
         if changed:
             raise ManifestError(f"{where}: {len(changed)} files changed since the manifest was made (sha256 differs; "
                                 f"first: {changed[0]}); restore them or rebuild the manifest with `oncolite split`")
-    leak = find_leak(manifest.items)
+    leak = find_leak(manifest.items, manifest.meta.get("split", {}).get("test_fold", 0))
     if leak:
         raise ManifestError(f"{where}: {leak}; a duplicate group or patient must stay on one side: "
                             "rebuild the manifest with `oncolite split`")
@@ -128,19 +128,28 @@ def _check_sides(manifest: Manifest) -> None:
                                 f"{SIDES} for split and each of {folds} folds; rebuild it with `oncolite split`")
 
 
-def find_leak(items: list[dict]) -> str | None:
-    """A description of the first group found on two sides of the split or of any fold, else None."""
+def find_leak(items: list[dict], test_fold: int = 0) -> str | None:
+    """A description of the first group found on two sides of the split or of any fold, else None.
+
+    With folds, `split` is fold `test_fold` (the fold a run without --fold trains on): an item's
+    `split` and its side in that fold are two sightings of its group in one view, so moving any
+    group (even a one-image group) in one but not the other is a group on two sides."""
     folds = len(items[0].get("cv") or []) if items else 0
-    views = [("split", lambda item: item["split"])] + [
-        (f"fold {k}", lambda item, k=k: item["cv"][k]) for k in range(folds)]
-    for name, side_of in views:
+    if folds:
+        views = [(f"fold {k}" + (" (the manifest's split)" if k == test_fold else ""),
+                  lambda item, k=k: [item["cv"][k]] + ([item["split"]] if k == test_fold else []))
+                 for k in range(folds)]
+    else:
+        views = [("split", lambda item: [item["split"]])]
+    for name, sides_of in views:
         side_by_group: dict[str, tuple[str, str]] = {}
         for item in items:
-            group, side = item.get("group") or item["path"], side_of(item)
-            first = side_by_group.setdefault(group, (side, item["path"]))
-            if first[0] != side:
-                return (f"group {group!r} is on two sides in {name}: {first[1]} ({first[0]}) "
-                        f"and {item['path']} ({side})")
+            group = item.get("group") or item["path"]
+            for side in sides_of(item):
+                first = side_by_group.setdefault(group, (side, item["path"]))
+                if first[0] != side:
+                    return (f"group {group!r} is on two sides in {name}: {first[1]} ({first[0]}) "
+                            f"and {item['path']} ({side})")
     return None
 
 

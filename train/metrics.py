@@ -12,6 +12,7 @@ import math
 import warnings
 
 import numpy as np
+from edge_runtime.decision import decisions, positive_index  # noqa: F401  (the one decision rule)
 from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score,
                              cohen_kappa_score, confusion_matrix, matthews_corrcoef,
                              precision_recall_fscore_support, roc_auc_score)
@@ -25,28 +26,19 @@ SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_re
 
 # --- predictions and operating points ----------------------------------------------------------
 
-def positive_index(labels, positive=None) -> int:
-    """Index of the positive class of a binary task: a label name or index; default the second label."""
-    if len(labels) != 2:
-        raise ValueError(f"an operating point needs a binary task, got {len(labels)} classes")
-    if positive is None:
-        return 1
-    if isinstance(positive, (int, np.integer)) and not isinstance(positive, bool):
-        return int(positive)
-    if positive not in labels:
-        raise ValueError(f"positive label {positive!r} is not one of {list(labels)}")
-    return list(labels).index(positive)
-
-
 def predictions(probs, threshold=None, positive=None) -> np.ndarray:
-    """Predicted class indices: argmax, or for a binary task `positive` when its probability >= threshold."""
+    """Predicted class indices: argmax, or for a binary task `positive` (an index) when its
+    probability >= threshold. The rule itself is edge_runtime.decision's, the device's."""
     probs = np.asarray(probs)
-    if threshold is None:
-        return np.argmax(probs, axis=1)
-    if probs.shape[1] != 2:
-        raise ValueError(f"a threshold needs a binary task, got {probs.shape[1]} classes")
-    pos = 1 if positive is None else int(positive)
-    return np.where(probs[:, pos] >= threshold, pos, 1 - pos)
+    rule = None if threshold is None else {"positive": 1 if positive is None else int(positive), "value": threshold}
+    return decisions(probs, rule, list(range(probs.shape[1])))
+
+
+def agreement(pred_a, pred_b) -> dict:
+    """Top-1 agreement of two models on the same images: the share with the same class, and the counts."""
+    pred_a, pred_b = np.asarray(pred_a), np.asarray(pred_b)
+    same, n = int(np.sum(pred_a == pred_b)), int(pred_a.size)
+    return {"value": same / n if n else float("nan"), "same": same, "n": n}
 
 
 def choose_threshold(y_val, p_val_positive, target_sensitivity: float) -> float:

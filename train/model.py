@@ -6,31 +6,13 @@ preprocessing shared by training and the device (tfmot cannot quantize Rescaling
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tf_keras as keras
 
 from edge_runtime.errors import ModelError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_WEIGHTS = REPO_ROOT / "pretrained" / "mobilenet_v2_1.0_224_imagenet_no_top.h5"
-
-HEADS = ("compact", "reference")
-
-
-def backbone_weights(alpha: float, weights: str | None) -> str | None:
-    """Resolve `weights` ("imagenet", a path, or None) to what keras.applications accepts.
-
-    "imagenet" prefers the repo's shipped file (works offline); other alphas fall back to
-    Keras' own download, which needs a network.
-    """
-    if weights != "imagenet":
-        return weights
-    if alpha == 1.0 and SHIPPED_WEIGHTS.exists():
-        return str(SHIPPED_WEIGHTS)
-    return "imagenet"
+from train.config import HEADS, resolve_weights
 
 
 def build_classifier(num_classes: int, height: int = 224, width: int = 224, alpha: float = 1.0,
@@ -43,12 +25,15 @@ def build_classifier(num_classes: int, height: int = 224, width: int = 224, alph
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    resolved = backbone_weights(alpha, weights)
-    base = keras.applications.MobileNetV2(input_shape=(height, width, 3), alpha=alpha, include_top=False,
-                                          weights=None if resolved and os.path.exists(resolved) else resolved)
-    if resolved and os.path.exists(resolved):
-        # by_name would silently skip mismatches; the shipped file matches layer for layer.
-        base.load_weights(resolved)
+    resolved = resolve_weights(alpha, weights)
+    base = keras.applications.MobileNetV2(input_shape=(height, width, 3), alpha=alpha, include_top=False, weights=None)
+    if resolved:
+        try:
+            # by_name would silently skip mismatches; the shipped file matches layer for layer.
+            base.load_weights(resolved)
+        except (ValueError, OSError) as e:
+            raise ModelError(f"{resolved}: not MobileNetV2 alpha {alpha} backbone weights without the top "
+                             f"({str(e).splitlines()[0]}); give a matching file, or --set weights=null") from None
     x = base.output
     if head == "compact":
         x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)

@@ -10,6 +10,8 @@ literature, to show how much leakage inflates results.
 
 from __future__ import annotations
 
+import math
+import sys
 from collections import Counter
 
 import numpy as np
@@ -18,6 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from edge_runtime.console import print_json, say
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from train.audit import DATASET_DEFAULTS, Audit, add_audit_arguments, audit_from_args, command_line
+from train.datasets import patients_crossing_folds
 from train.duplicates import components
 from train.manifest import MANIFEST_FORMAT, find_leak, write_manifest
 
@@ -58,15 +61,18 @@ def _strata(labels: list[str], magnifications: list | None) -> np.ndarray:
     return np.unique(np.asarray(keys), return_inverse=True)[1].reshape(-1)
 
 
-def _held_out(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, what: str):
-    """Index arrays (rest, held_out) of each fold of a StratifiedGroupKFold."""
+def _held_out(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, what: str, asked_by: str, fix):
+    """Index arrays (rest, held_out) of each fold of a StratifiedGroupKFold.
+
+    asked_by: the option that set n_splits, as the user typed it; fix(most): what to change when
+    at most `most` folds can be made."""
     n_groups = len(np.unique(groups))
     if n_groups < n_splits:
-        raise SplitError(f"{what}: {n_groups} groups cannot make {n_splits} folds; use fewer folds or a larger "
-                         "--val-fraction, or add data")
-    if np.bincount(y).max() < n_splits:
-        raise SplitError(f"{what}: no class has {n_splits} images to spread over {n_splits} folds; "
-                         "use fewer folds or a larger --val-fraction, or add data")
+        raise SplitError(f"{what}: {n_groups} groups cannot make {n_splits} folds ({asked_by}); {fix(n_groups)}")
+    largest = int(np.bincount(y).max())
+    if largest < n_splits:
+        raise SplitError(f"{what}: no class has {n_splits} images to spread over {n_splits} folds ({asked_by}); "
+                         f"{fix(largest)}")
     return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
 
 
@@ -80,7 +86,16 @@ def _val_side(sides: np.ndarray, y, groups, val_fraction: float, seed: int, fold
     if val_fraction <= 0:
         return
     rest = np.flatnonzero(sides == "train")
-    _, val = next(iter(_held_out(y[rest], groups[rest], inner_folds(folds, val_fraction), seed, what)))
+    n = inner_folds(folds, val_fraction)
+
+    def fix(most: int) -> str:
+        # inner_folds <= most once val_fraction >= (1 - 1/folds) / most
+        if most < 2:
+            return "add data"
+        return f"use --val-fraction {math.ceil(100 * (1 - 1 / folds) / most) / 100:g} or more, or add data"
+
+    asked_by = f"--val-fraction {val_fraction:g} makes the val side 1 of {n} parts of the training side"
+    _, val = next(iter(_held_out(y[rest], groups[rest], n, seed, what, asked_by, fix)))
     sides[rest[val]] = "val"
 
 
@@ -89,7 +104,9 @@ def group_kfold_sides(y: np.ndarray, groups: np.ndarray, folds: int, val_fractio
     if folds < 2:
         raise SplitError(f"--folds {folds}: need at least 2 (fold i's test side is 1/folds of the data)")
     out = []
-    for fold, (_, test) in enumerate(_held_out(y, groups, folds, seed, "outer split")):
+    outer = _held_out(y, groups, folds, seed, "outer split", f"--folds {folds}",
+                      lambda most: f"use --folds {most} or fewer, or add data" if most >= 2 else "add data")
+    for fold, (_, test) in enumerate(outer):
         sides = np.full(len(y), "train", dtype=object)
         sides[test] = "test"
         _val_side(sides, y, groups, val_fraction, seed, folds, f"fold {fold} validation split")
@@ -108,19 +125,6 @@ def published_fold_sides(records, keep, y, groups, val_fraction: float, seed: in
         _val_side(sides, y, groups, val_fraction, seed, len(fold_ids), f"published fold {fold} validation split")
         out.append(sides)
     return fold_ids, out
-
-
-def patients_crossing_folds(records, keep) -> list[dict]:
-    """Patients with images on both sides of a published fold."""
-    sides: dict[tuple[str, int], set] = {}
-    for k in keep:
-        for fold, side in records[k].meta.get("folds", {}).items():
-            sides.setdefault((records[k].group, fold), set()).add(side)
-    crossing: dict[str, list[int]] = {}
-    for (patient, fold), seen in sorted(sides.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
-        if len(seen) > 1:
-            crossing.setdefault(patient, []).append(fold)
-    return [{"patient": p, "folds": f} for p, f in crossing.items()]
 
 
 def _excluded(audit: Audit, keep_conflicts: bool) -> dict[int, str]:
@@ -214,6 +218,32 @@ def build_manifest(audit: Audit, folds: int = 5, val_fraction: float = 0.1, seed
     }
 
 
+def missing_label_warnings(manifest: dict) -> list[str]:
+    """One line per fold and side that holds images but none of some labels: a train side like
+    that cannot learn them (`oncolite train` refuses it), a val side cannot select a model for
+    them, a test side cannot measure them."""
+    split = manifest["split"]
+    published = split.get("published_folds")
+    assigned = {"published": "as Folds.csv assigns it", "given": "as the CSV's split column assigns it"}.get(split["kind"])
+    consequence = {"train": "`oncolite train` refuses it", "val": "early stopping cannot see them",
+                   "test": "its metrics cannot cover them"}
+    # Published folds: train and test as given, val carved from train here; given: all as the CSV says.
+    remedy = {"train": assigned or "fewer --folds or another --seed",
+              "val": assigned if split["kind"] == "given" else "a larger --val-fraction or another --seed",
+              "test": assigned or "fewer --folds or another --seed"}
+    warnings = []
+    for fold, sides in enumerate(manifest["summary"]):
+        name = "the split" if split["folds"] == 1 else f"fold {fold}"
+        if published:
+            name += f" (Folds.csv fold {published[fold]})"
+        for side, counts in sides.items():
+            missing = [label for label, n in counts.items() if not n]
+            if missing and any(counts.values()):
+                warnings.append(f"{name}: the {side} side has no images of {', '.join(missing)}; {consequence[side]} "
+                                f"({remedy[side]}, or more data)")
+    return warnings
+
+
 def summarize(items: list[dict], labels: list[str], folds: int) -> list[dict]:
     """Per fold: images per side and per label on each side."""
     out = []
@@ -249,16 +279,20 @@ def main(args) -> int:
     sha = write_manifest(manifest, args.out)
     first = manifest["summary"][0]
     sides = {side: sum(counts.values()) for side, counts in first.items()}
+    crossing = manifest["split"].get("patients_crossing_folds", [])
+    warnings = [f"patient {c['patient']} crosses published folds {c['folds']}: excluded" for c in crossing]
+    warnings += missing_label_warnings(manifest)
     summary = {"out": args.out, "sha256": sha, "kind": manifest["split"]["kind"], "folds": manifest["split"]["folds"],
                "items": len(manifest["items"]), "excluded": len(manifest["excluded"]),
                "conflict_images_excluded": manifest["audit"]["conflict_images_excluded"], "fold0": sides,
-               "patients_crossing_folds": manifest["split"].get("patients_crossing_folds", [])}
+               "patients_crossing_folds": crossing, "warnings": warnings}
+    # On stderr even with --quiet or --json: a split that cannot train must not pass unnoticed.
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         print_json(summary)
     say(args, f"{summary['items']} images in {summary['folds']} folds ({summary['kind']} split); fold 0: "
               f"train {sides['train']}, val {sides['val']}, test {sides['test']}",
         f"excluded {summary['excluded']} images ({summary['conflict_images_excluded']} in cross-label duplicate groups)",
-        *[f"warning: patient {c['patient']} crosses published folds {c['folds']}: excluded"
-          for c in summary["patients_crossing_folds"]],
         f"manifest: {args.out} (sha256 {sha[:12]}...)")
     return EXIT_OK

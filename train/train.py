@@ -23,6 +23,7 @@ worker 0 (the chief) writes the run directory, the others checkpoint into RUN_DI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -30,26 +31,28 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-import tensorflow as tf
-import tf_keras as keras
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, matthews_corrcoef
-
+# TensorFlow, tf-keras, scikit-learn and the modules built on them (train.model, train.data) are
+# imported inside the functions that use them: `oncolite train --help` and a mistyped setting
+# answer at once, without loading TensorFlow.
 from edge_runtime.atomic import atomic_path, write_json, write_text
-from edge_runtime.console import add_output_flags, print_json, say
+from edge_runtime.console import add_output_flags, print_json, progress, say
 from edge_runtime.errors import EXIT_OK, ManifestError, OncoliteError
-from train import model as model_lib
 from train.checkpoints import save_resume_point
 from train.config import (PROVENANCE_KEY, available, load_config, parse_overrides, preprocessing, read_config_file,
                           same_settings, stored_config)
-from train.data import class_weights, image_errors, label_indices, make_dataset
 from train.manifest import load_manifest, write_manifest
 from train.plots import pyplot, save_png
 from train.provenance import versions
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+    import tf_keras as keras
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("head", "finetune")
@@ -87,11 +90,14 @@ def main(args) -> int:
     else:
         if not args.manifest:
             raise OncoliteError("oncolite train: --manifest is required (or --resume RUN_DIR)")
-        manifest = load_manifest(args.manifest)
+        # Settings first: a mistyped --set is refused before minutes of hashing the manifest's files.
         config = load_config(dataset=args.dataset, profile=args.profile, path=args.config,
                              overrides=parse_overrides(args.set))
+        manifest = load_manifest(args.manifest)
         run_dir = Path(args.run or REPO_ROOT / "runs" / f"{Path(args.manifest).resolve().parent.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         folds, fold = args.folds, args.fold
+        for f in range(folds) if folds else [fold]:  # before --tune's trials, too
+            check_training_labels(manifest, f)
         if args.tune:
             from train.tune import tune
 
@@ -140,6 +146,17 @@ def check_manifest(manifest, provenance: dict, run_dir: Path) -> None:
                             "restore it or start a new run")
 
 
+def check_training_labels(manifest, fold: int | None) -> None:
+    """Refuse a split whose training side lacks a label: the model could never predict it, and
+    training would run to a validation score that means nothing."""
+    counts = Counter(item["label"] for item in manifest.sides(fold)["train"])
+    missing = [label for label in manifest.labels if not counts[label]]
+    if missing:
+        split = "the manifest's split" if fold is None else f"fold {fold}"
+        raise ManifestError(f"{manifest.path}: {split} has no training images of {', '.join(missing)}; rebuild it with "
+                            "`oncolite split` (fewer --folds, another --seed) or add images of those labels")
+
+
 def start_run_dir(run_dir: Path, manifest, config: dict, provenance: dict) -> None:
     """config.json (settings + provenance), manifest.json, versions.json."""
     config_path = run_dir / "config.json"
@@ -170,11 +187,12 @@ class Log:
     """logs/train.log (appended: a resumed run continues the same log) and, unless quiet, stderr."""
 
     def __init__(self, path: Path, quiet: bool):
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.quiet = path, quiet
 
     def __call__(self, message: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        # Made on the first line, not before: a run refused before training leaves no folder behind.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
         if not self.quiet:
@@ -184,12 +202,16 @@ class Log:
 # ---------------------------------------------------------------- hardware
 
 def use_mixed_precision(config: dict) -> bool:
+    import tensorflow as tf
+
     setting = config["mixed_precision"]
     return bool(tf.config.list_physical_devices("GPU")) if setting == "auto" else bool(setting)
 
 
 def select_strategy(config: dict) -> tf.distribute.Strategy:
     """The distribution strategy for `distribute` (see the module docstring)."""
+    import tensorflow as tf
+
     setting = config["distribute"]
     if setting == "auto":
         if os.environ.get("TF_CONFIG"):
@@ -215,6 +237,9 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 
 def setup_determinism(config: dict) -> None:
+    import tensorflow as tf
+    import tf_keras as keras
+
     keras.utils.set_random_seed(config["seed"])
     if config["deterministic"]:
         tf.config.experimental.enable_op_determinism()
@@ -224,6 +249,8 @@ def setup_determinism(config: dict) -> None:
 
 def side_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
     """The numbers training decides on; the full report is `oncolite evaluate`'s."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, matthews_corrcoef
+
     pred = probs.argmax(axis=1)
     p_true = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)
     return {"n": int(len(y)), "loss": float(-np.mean(np.log(p_true))), "accuracy": float(accuracy_score(y, pred)),
@@ -255,6 +282,8 @@ class Trainer:
     """One run directory, one split: builds, trains both phases, checkpoints, resumes."""
 
     def __init__(self, run_dir: Path, sides: dict, labels: list[str], config: dict, log: Log, quiet: bool):
+        from train.data import label_indices
+
         self.run_dir, self.sides, self.labels, self.config, self.log, self.quiet = run_dir, sides, labels, config, log, quiet
         self.prep = preprocessing(config)
         self.mixed = use_mixed_precision(config)
@@ -284,6 +313,10 @@ class Trainer:
     # -- model
 
     def build(self) -> keras.Model:
+        import tf_keras as keras
+
+        from train import model as model_lib
+
         keras.mixed_precision.set_global_policy("mixed_float16" if self.mixed else "float32")
         c = self.config
         with self.strategy.scope():
@@ -294,6 +327,10 @@ class Trainer:
         return model
 
     def compile(self, model: keras.Model, phase: str) -> None:
+        import tf_keras as keras
+
+        from train import model as model_lib
+
         model_lib.set_trainable_depth(model, 0 if phase == "head" else self.config["finetune_depth"],
                                       train_batchnorm=self.config["weights"] is None)
         with self.strategy.scope():
@@ -304,10 +341,14 @@ class Trainer:
 
     def write_checkpoint(self, model: keras.Model, name: str, with_optimizer: bool) -> str:
         """A TF checkpoint in train/state/; returns its name (relative, so a run dir can move)."""
+        import tensorflow as tf
+
         tf.train.Checkpoint(**checkpointed(model, with_optimizer)).write(str(self.state_dir / name))
         return name
 
     def restore(self, model: keras.Model, name: str, with_optimizer: bool) -> None:
+        import tensorflow as tf
+
         objects = checkpointed(model, with_optimizer)
         with self.strategy.scope():
             tf.train.Checkpoint(**objects).read(str(self.state_dir / name)).expect_partial()
@@ -315,6 +356,8 @@ class Trainer:
     # -- loop
 
     def datasets(self):
+        from train.data import class_weights, label_indices, make_dataset
+
         c = self.config
         oversample = bool(c["oversample"])
         train_ds = make_dataset(self.sides["train"], self.labels, self.prep, c["batch_size"], augment=c["augment"],
@@ -325,8 +368,8 @@ class Trainer:
             weights = class_weights(label_indices(self.sides["train"], self.labels), len(self.labels))
         return train_ds, val_ds, weights
 
-    def run(self) -> keras.Model:
-        model = self.build()
+    def run(self, model: keras.Model) -> keras.Model:
+        """Train `model` (from `build`) through the phases left, resuming from the state."""
         train_ds, val_ds, weights = self.datasets()
         self.log(f"train {len(self.sides['train'])} / val {len(self.sides['val'])} images, labels {self.labels}, "
                  f"class weights {weights}, strategy {type(self.strategy).__name__} x{self.strategy.num_replicas_in_sync}, "
@@ -356,8 +399,11 @@ class Trainer:
             lr = learning_rate(c, phase, epoch, self.state["plateau_factor"])
             model.optimizer.learning_rate.assign(lr)
             t0 = time.monotonic()
-            fit = model.fit(train_ds, epochs=1, class_weight=weights, verbose=0).history
-            val = side_metrics(self.y_val, model.predict(val_ds, verbose=0))
+            title = f"{phase} epoch {epoch + 1}/{c[f'{phase}_epochs']}"
+            with batch_progress(title, batches(train_ds), self.quiet) as callbacks:
+                fit = model.fit(train_ds, epochs=1, class_weight=weights, verbose=0, callbacks=callbacks).history
+            with batch_progress(f"{title} validation", batches(val_ds), self.quiet) as callbacks:
+                val = side_metrics(self.y_val, model.predict(val_ds, verbose=0, callbacks=callbacks))
             row = {"phase": phase, "epoch": epoch + 1, "lr": lr, "loss": fit["loss"][-1], "accuracy": fit["accuracy"][-1],
                    "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_mcc": val["mcc"],
                    "seconds": round(time.monotonic() - t0, 2)}
@@ -380,11 +426,35 @@ class Trainer:
             self.save_state()
             if self.chief:
                 write_history(self.run_dir / "train", self.state["history"])
-            self.log(f"{phase} epoch {epoch + 1}/{c[f'{phase}_epochs']}: loss {row['loss']:.4f} acc {row['accuracy']:.3f} "
+            self.log(f"{title}: loss {row['loss']:.4f} acc {row['accuracy']:.3f} "
                      f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.3f} val_mcc {row['val_mcc']:.3f} "
                      f"lr {lr:.2e} ({row['seconds']:.1f} s)")
         if self.state["wait"] >= c["patience"]:
             self.log(f"{phase}: early stop, no better {monitor} for {c['patience']} epochs")
+
+
+def batches(ds) -> int | None:
+    """Batches in one pass over a tf.data dataset, None when tf.data cannot tell (oversampling)."""
+    n = int(ds.cardinality())
+    return n if n >= 0 else None
+
+
+@contextlib.contextmanager
+def batch_progress(desc: str, total: int | None, quiet: bool):
+    """Keras callbacks (none when quiet) that advance a progress bar on stderr with every batch
+    of the fit or predict they are given, showing the running training loss."""
+    if quiet:
+        yield []
+        return
+    import tf_keras as keras
+
+    with progress(total=total, desc=desc, unit="batch") as bar:
+        def step(batch, logs=None):
+            bar.update(1)
+            if logs and "loss" in logs:
+                bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+        yield [keras.callbacks.LambdaCallback(on_train_batch_end=step, on_predict_batch_end=step)]
 
 
 def checkpointed(model: keras.Model, with_optimizer: bool) -> dict:
@@ -426,6 +496,10 @@ def plot_curves(path: Path, history: list[dict]) -> None:
 def save_float_model(model: keras.Model, path: Path, config: dict, n_classes: int, mixed: bool) -> None:
     """models/float.keras in float32 (a mixed-precision model is rebuilt in float32 first, so
     QAT and TFLite export see plain float layers)."""
+    import tf_keras as keras
+
+    from train import model as model_lib
+
     if mixed:
         keras.mixed_precision.set_global_policy("float32")
         plain = model_lib.build_classifier(n_classes, config["input_size"], config["input_size"], config["alpha"],
@@ -441,17 +515,25 @@ def train_run(run_dir: str | Path, manifest, config: dict, provenance: dict, fol
     """Train one split of `manifest` into `run_dir` (resuming if it holds an interrupted run).
 
     evaluate_test=False never touches the test side (hyperparameter search)."""
+    import tf_keras as keras
+
+    from train import model as model_lib
+    from train.data import image_errors, label_indices, make_dataset
+
     run_dir = Path(run_dir)
+    check_training_labels(manifest, fold)
     sides = manifest.sides(fold=fold)
     labels = list(manifest.labels)
     trainer_log = Log(run_dir / "logs" / "train.log", quiet)
     refuse_other_run(run_dir, config)
     setup_determinism(config)
     trainer = Trainer(run_dir, sides, labels, config, trainer_log, quiet)
+    # Built before anything is written: weights that do not fit stop the run with no folder left behind.
+    model = trainer.build()
     if trainer.chief and not trainer.state["history"]:
         start_run_dir(run_dir, manifest, config, {**provenance, "fold": fold})
     with image_errors():
-        model = trainer.run()
+        model = trainer.run(model)
     summary = {"monitor": config["monitor"], "best": {k: v for k, v in trainer.state["best"].items() if k != "checkpoint"},
                "epochs": {p: sum(1 for r in trainer.state["history"] if r["phase"] == p) for p in PHASES},
                "head_summary": model_lib.head_summary(model), "fold": fold,
@@ -477,6 +559,8 @@ def train_run(run_dir: str | Path, manifest, config: dict, provenance: dict, fol
 def train_folds(run_dir: str | Path, manifest, config: dict, provenance: dict, k: int, quiet: bool = False) -> dict:
     """Every fold 0..k-1 into run_dir/folds/<i>/, then run_dir/cv.json with mean and spread."""
     run_dir = Path(run_dir)
+    for fold in range(k):  # every fold before the first starts, not hours into the run
+        check_training_labels(manifest, fold)
     start_run_dir(run_dir, manifest, config, {**provenance, "folds": k, "fold": None})
     summaries = [train_run(run_dir / "folds" / str(i), manifest, config, {**provenance, "folds": None}, fold=i, quiet=quiet)
                  for i in range(k)]

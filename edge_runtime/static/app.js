@@ -60,10 +60,18 @@ function askForToken() {
 
 function renderResult(result) {
   const labels = Object.keys(result.probabilities);
+  const threshold = (result.model && result.model.threshold) || null;
+  // Inside the model's uncertain band the int8 answer may differ from the float model's: the
+  // answer is shown in a neutral colour, never as a confident red or green.
+  const uncertain = result.uncertain === true;
   const prediction = $("prediction");
   prediction.textContent = result.label;
   prediction.dataset.label = result.label;
-  prediction.className = "label " + tone(result.label, labels.indexOf(result.label));
+  prediction.dataset.uncertain = String(uncertain);
+  prediction.className = "label " + (uncertain ? "tone-uncertain" : tone(result.label, labels.indexOf(result.label)));
+  show("uncertain", uncertain);
+  // The rule beside the answer: with a threshold, the highest bar is not always the answer.
+  $("rule").textContent = "Decision rule: " + String(result.decision_rule).replace(">=", "≥");
 
   const bars = $("bars");
   bars.replaceChildren();
@@ -89,6 +97,13 @@ function renderResult(result) {
     // CSSOM assignment, not a style attribute: allowed by the CSP's style-src 'self'.
     fill.style.width = Math.max(0, Math.min(100, 100 * p)).toFixed(1) + "%";
     track.append(fill);
+    if (threshold && threshold.positive === label) {
+      const mark = document.createElement("div");
+      mark.className = "threshold";
+      mark.title = "threshold " + (100 * threshold.value).toFixed(1) + " %";
+      mark.style.left = Math.max(0, Math.min(100, 100 * threshold.value)).toFixed(1) + "%";
+      track.append(mark);
+    }
     item.append(name, value, track);
     bars.append(item);
   });

@@ -1,0 +1,304 @@
+"""`python -m benchmarks.int8_study RUN`: int8 recipes against the float model, pooled over CV folds.
+
+For every fold of RUN (RUN/folds/<i>, or RUN itself), each recipe converts that fold's float
+model to a full-integer int8 model (int8 I/O, the export's calibration images from the fold's
+training side) and runs it through LiteRT on the fold's validation and test sides; the float
+Keras model runs on the same images. With k folds every image of the data set is held out once,
+so the test figures pool ~all of it (BUSI: ~760 images instead of ~153 per fold); recipes are
+chosen on the pooled *validation* figures. Each (fold, recipe) is saved as it finishes in
+RUN/int8_study/<fold>/<recipe>.npz, so a killed study resumes where it stopped.
+
+Recipes (quantize.rounding): ptq (the converter's nearest rounding), ptq_bias (+ empirical
+bias correction), gptq (output-reconstructing rounding), gptq_bias (both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.atomic import atomic_path, write_json, write_text
+from edge_runtime.preprocess import dequantize, quantize
+
+# name -> (weight rounding, bias correction, converted to TFLite or weights only). The weights-only
+# recipes run the Keras model with every conv kernel on its int8 grid and float activations: the
+# share of the error that weights alone cause, without a conversion.
+# name -> (weight rounding, bias correction, sequential, converted to TFLite or weights only).
+RECIPES = {"ptq": ("nearest", False, False, True), "ptq_bias": ("nearest", True, False, True),
+           "gptq": ("gptq", False, False, True), "gptq_bias": ("gptq", True, False, True),
+           "gptq_seq": ("gptq", True, True, True), "weights_nearest": ("nearest", False, False, False),
+           "weights_gptq_bias": ("gptq", True, False, False), "weights_gptq_seq": ("gptq", True, True, False)}
+CONFIDENT = 0.2  # a flip of an image whose float top-1/top-2 margin is at least this is "confident"
+SIDES = ("val", "test")
+
+
+def fold_dirs(run: Path) -> list[Path]:
+    folds = sorted((run / "folds").glob("[0-9]*"), key=lambda p: int(p.name))
+    return folds or [run]
+
+
+def run_tflite(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    """N x C outputs of a .tflite on normalized float inputs, quantized as the device does."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_bytes)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    rows = []
+    for sample in x:
+        tensor = sample[None].astype(np.float32)
+        if inp["dtype"] != np.float32:
+            tensor = quantize(tensor, *inp["quantization"], inp["dtype"])
+        interpreter.set_tensor(inp["index"], tensor)
+        interpreter.invoke()
+        y = interpreter.get_tensor(out["index"])[0]
+        rows.append(dequantize(y, *out["quantization"]) if out["dtype"] != np.float32 else y)
+    return np.asarray(rows, dtype=np.float64)
+
+
+def study_fold(fold_dir: Path, recipes: list[str], out: Path, say) -> None:
+    from quantize.export import calibration_items, make_converter, representative_dataset
+    from quantize.rounding import reconstruct_weights
+    from quantize.rundir import open_run
+    from train.data import load_arrays
+    from train.model import load_float_model
+
+    run = open_run(fold_dir)
+    sides = run.sides()
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_float_model(run.models / "float.keras")
+    data = {side: load_arrays(sides[side], run.labels, run.prep, quiet=True) for side in SIDES}
+    float_path = out / "float.npz"
+    if not float_path.exists():
+        with atomic_path(float_path) as tmp:
+            np.savez(tmp, **{f"{side}_probs": model.predict(data[side][0], verbose=0) for side in SIDES},
+                     **{f"{side}_y": data[side][1] for side in SIDES},
+                     **{f"{side}_paths": np.array([str(it["path"]) for it in sides[side]]) for side in SIDES})
+    chosen = calibration_items(sides["train"], int(run.config["export"]["calibration_images"]), int(run.config["seed"]))
+    calib, _ = load_arrays(chosen, run.labels, run.prep, quiet=True)
+    for recipe in recipes:
+        path = out / f"{recipe}.npz"
+        if path.exists():
+            continue
+        t0 = time.monotonic()
+        method, bias, sequential, convert = RECIPES[recipe]
+        source, layers = reconstruct_weights(model, [calib[i:i + 16] for i in range(0, len(calib), 16)],
+                                             method=method, bias_correction=bias, sequential=sequential)
+        if convert:
+            model_bytes = make_converter(source, "int8_ptq", representative_dataset(chosen, run.prep), io="int8").convert()
+            with atomic_path(out / f"{recipe}.tflite") as tmp:
+                tmp.write_bytes(model_bytes)
+            probs = {side: run_tflite(model_bytes, data[side][0]) for side in SIDES}
+        else:
+            probs = {side: source.predict(data[side][0], verbose=0).astype(np.float64) for side in SIDES}
+        with atomic_path(path) as tmp:
+            np.savez(tmp, **{f"{side}_probs": probs[side] for side in SIDES}, layers=json.dumps(layers))
+        say(f"{fold_dir.name} {recipe}: {time.monotonic() - t0:.0f} s")
+
+
+def weight_ablation(fold_dir: Path, out: Path, say) -> None:
+    """Per conv layer, the decisions on the fold's validation and test images when only that
+    layer's kernel is rounded to its int8 grid (the converter's nearest rounding, BatchNorm
+    folded) and when every kernel but that one is; activations stay float. Saved as
+    out/ablation.json (resumes per fold)."""
+    from quantize.rounding import weight_layers, folded_kernel, grid_step, round_nearest, write_kernel
+    from quantize.rundir import open_run
+    from train.data import load_arrays
+    from train.model import load_float_model
+
+    path = out / "ablation.json"
+    if path.exists():
+        return
+    t0 = time.monotonic()
+    run = open_run(fold_dir)
+    sides = run.sides()
+    x = np.concatenate([load_arrays(sides[side], run.labels, run.prep, quiet=True)[0] for side in SIDES])
+    cut = len(sides[SIDES[0]])
+    model = load_float_model(run.models / "float.keras")
+    pairs = weight_layers(model)
+    original, rounded = {}, {}
+    for layer, bn in pairs:
+        original[layer.name] = layer.get_weights()
+        rows = folded_kernel(layer, bn)
+        step = grid_step(rows)
+        write_kernel(layer, bn, (round_nearest(rows, step) * step[:, None]).astype(np.float32))
+        rounded[layer.name] = layer.get_weights()
+        layer.set_weights(original[layer.name])
+
+    def decide() -> dict:
+        pred = model.predict(x, batch_size=32, verbose=0).argmax(1)
+        return {SIDES[0]: pred[:cut].tolist(), SIDES[1]: pred[cut:].tolist()}
+
+    result = {"layers": [layer.name for layer, _ in pairs], "only": {}, "all_but": {}}
+    for layer, _ in pairs:
+        layer.set_weights(rounded[layer.name])
+        result["only"][layer.name] = decide()
+        layer.set_weights(original[layer.name])
+    for layer, _ in pairs:
+        layer.set_weights(rounded[layer.name])
+    result["all"] = decide()
+    for layer, _ in pairs:
+        layer.set_weights(original[layer.name])
+        result["all_but"][layer.name] = decide()
+        layer.set_weights(rounded[layer.name])
+    write_json(path, result)
+    say(f"{fold_dir.name} ablation: {time.monotonic() - t0:.0f} s")
+
+
+def pool_ablation(run: Path) -> dict:
+    """Per layer and side, pooled over folds: flips against float with only that layer's weights
+    in int8, and with all but that layer's."""
+    rows, total = {}, {side: {"all": 0, "n": 0} for side in SIDES}
+    for d in fold_dirs(run):
+        f = run / "int8_study" / d.name
+        if not (f / "ablation.json").exists():
+            continue
+        ab, ref = json.loads((f / "ablation.json").read_text()), np.load(f / "float.npz")
+        for side in SIDES:
+            float_pred = ref[f"{side}_probs"].argmax(1)
+            total[side]["all"] += int((np.array(ab["all"][side]) != float_pred).sum())
+            total[side]["n"] += len(float_pred)
+            for layer in ab["layers"]:
+                row = rows.setdefault(layer, {s: {"only": 0, "all_but": 0} for s in SIDES})
+                row[side]["only"] += int((np.array(ab["only"][layer][side]) != float_pred).sum())
+                row[side]["all_but"] += int((np.array(ab["all_but"][layer][side]) != float_pred).sum())
+    return {"layers": rows, "total": total}
+
+
+def ablation_markdown(ablation: dict) -> list[str]:
+    total = ablation["total"]
+    lines = ["## Per-layer ablation: int8 weights, float activations", "",
+             "Flips against the float model pooled over folds (val / test images: "
+             f"{total['val']['n']} / {total['test']['n']}), with only one conv layer's kernel rounded to its int8 grid "
+             "(nearest, BatchNorm folded, as the converter does), and with every kernel but that one rounded. "
+             f"Every kernel rounded: {total['val']['all']} / {total['test']['all']} flips.", "",
+             "| layer | only this layer int8: val | test | all but this layer int8: val | test |",
+             "| --- | --- | --- | --- | --- |"]
+    for layer, row in ablation["layers"].items():
+        lines.append(f"| {layer} | {row['val']['only']} | {row['test']['only']} | {row['val']['all_but']} | "
+                     f"{row['test']['all_but']} |")
+    return lines + [""]
+
+
+def margin(probs: np.ndarray) -> np.ndarray:
+    top = np.sort(probs, axis=1)
+    return top[:, -1] - top[:, -2]
+
+
+def compare(y, ref, other, labels) -> dict:
+    """One recipe against float on one set of images."""
+    from benchmarks.stats import wilson_interval
+    from train.metrics import classification_report
+
+    pred_ref, pred = ref.argmax(1), other.argmax(1)
+    flips = pred_ref != pred
+    m = margin(ref)
+    a, b = (classification_report(y, p, labels, bootstrap=0)["metrics"] for p in (ref, other))
+    same = int((~flips).sum())
+    return {"n": len(y), "agreement": same / len(y), "agreement_ci": wilson_interval(same, len(y)),
+            "flips": int(flips.sum()), "confident_flips": int((flips & (m >= CONFIDENT)).sum()),
+            "delta_accuracy": b["accuracy"]["value"] - a["accuracy"]["value"],
+            "delta_mcc": b["mcc"]["value"] - a["mcc"]["value"],
+            "delta_roc_auc": b["macro_roc_auc"]["value"] - a["macro_roc_auc"]["value"],
+            "float_accuracy": a["accuracy"]["value"], "float_mcc": a["mcc"]["value"],
+            "float_roc_auc": a["macro_roc_auc"]["value"],
+            "mean_abs_prob_diff": float(np.abs(ref - other).mean())}
+
+
+def pool(run: Path, recipes: list[str], labels: list[str]) -> dict:
+    """Per recipe and side: pooled over all folds, and each fold's agreement."""
+    folds = [run / "int8_study" / d.name for d in fold_dirs(run)]
+    result = {}
+    for recipe in recipes:
+        entry = {}
+        for side in SIDES:
+            ys, refs, others, per_fold, flipped = [], [], [], [], []
+            for f in folds:
+                if not (f / f"{recipe}.npz").exists():
+                    continue
+                ref, other = np.load(f / "float.npz"), np.load(f / f"{recipe}.npz")
+                y, p_ref, p = ref[f"{side}_y"], ref[f"{side}_probs"].astype(np.float64), other[f"{side}_probs"]
+                ys.append(y), refs.append(p_ref), others.append(p)
+                per_fold.append(float(np.mean(p_ref.argmax(1) == p.argmax(1))))
+                for i in np.flatnonzero(p_ref.argmax(1) != p.argmax(1)):
+                    flipped.append({"fold": f.name, "image": Path(str(ref[f"{side}_paths"][i])).name,
+                                    "label": labels[int(y[i])], "float": [round(float(v), 4) for v in p_ref[i]],
+                                    "int8": [round(float(v), 4) for v in p[i]],
+                                    "float_margin": round(float(margin(p_ref[i:i + 1])[0]), 4)})
+            if not ys:
+                continue
+            pooled = compare(np.concatenate(ys), np.concatenate(refs), np.concatenate(others), labels)
+            entry[side] = {**pooled, "folds": len(per_fold), "agreement_per_fold": per_fold,
+                           "agreement_mean": float(np.mean(per_fold)), "agreement_sd": float(np.std(per_fold)),
+                           "flipped": flipped}
+        if entry:
+            result[recipe] = entry
+    return result
+
+
+def markdown(results: dict, command: str) -> str:
+    lines = ["# int8 recipes against the float model, pooled over the CV folds", "",
+             f"Made by: `{command}`", "",
+             f"Agreement: same top-1 class as the float Keras model. Confident flip: a flip of an image whose "
+             f"float top-1/top-2 margin is >= {CONFIDENT}. Δ: int8 minus float, pooled. Every recipe is full-integer "
+             "int8 with int8 I/O, calibrated on the fold's training side.", ""]
+    for side in SIDES:
+        lines += [f"## {side} sides, pooled", "",
+                  "| recipe | folds | images | agreement [95 % CI] | per fold mean ± sd | flips | confident | Δacc (pt) | ΔMCC | ΔROC-AUC | mean abs Δp |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for recipe, entry in results.items():
+            e = entry.get(side)
+            if not e:
+                continue
+            lo, hi = e["agreement_ci"]
+            lines.append(f"| {recipe} | {e['folds']} | {e['n']} | {e['agreement']:.1%} [{lo:.1%}, {hi:.1%}] | "
+                         f"{e['agreement_mean']:.1%} ± {e['agreement_sd']:.1%} | {e['flips']} | {e['confident_flips']} | "
+                         f"{100 * e['delta_accuracy']:+.2f} | {e['delta_mcc']:+.4f} | {e['delta_roc_auc']:+.4f} | "
+                         f"{e['mean_abs_prob_diff']:.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.int8_study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a run directory (a CV run with folds/<i>/, or one fold)")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {','.join(RECIPES)}")
+    parser.add_argument("--folds", help="comma-separated fold numbers (default: all)")
+    parser.add_argument("--out", help="report folder (default: RUN/int8_study)")
+    parser.add_argument("--ablation", action="store_true", help="also the per-layer weight ablation (~4 min per fold here)")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
+    dirs = fold_dirs(run)
+    if args.folds:
+        wanted = {s.strip() for s in args.folds.split(",")}
+        dirs = [d for d in dirs if d.name in wanted]
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    for d in dirs:
+        study_fold(d, recipes, run / "int8_study" / d.name, say)
+        if args.ablation:
+            weight_ablation(d, run / "int8_study" / d.name, say)
+    from quantize.rundir import open_run
+
+    labels = open_run(dirs[0]).labels
+    results = pool(run, recipes, labels)
+    out = Path(args.out or run / "int8_study")
+    command = "python -m benchmarks.int8_study " + " ".join(argv if argv is not None else sys.argv[1:])
+    ablation = pool_ablation(run) if args.ablation else None
+    write_json(out / "report.json", {"command": command, "recipes": results, "ablation": ablation})
+    md = markdown(results, command) + ("\n".join(ablation_markdown(ablation)) if ablation else "")
+    write_text(out / "report.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
