@@ -394,10 +394,11 @@ def add_latency(variants, models, images, prep, threads, runs, warmup, quiet, ed
 
 
 def run_json(cmd: list[str], what: str, timeout: float = 3600) -> dict:
-    """Run a command that prints one JSON document; its stderr becomes the error message."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    """Run a command that prints one JSON document; its stderr becomes the error message. It runs
+    in the user's working directory: paths the user gave are relative to it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise OncoliteError(f"{what}: no answer after {timeout:.0f} s; lower --runs") from None
     if done.returncode != 0:

@@ -8,8 +8,11 @@ so the test figures pool ~all of it (BUSI: ~760 images instead of ~153 per fold)
 chosen on the pooled *validation* figures. Each (fold, recipe) is saved as it finishes in
 RUN/int8_study/<fold>/<recipe>.npz, so a killed study resumes where it stopped.
 
-Recipes (quantize.rounding): ptq (the converter's nearest rounding), ptq_bias (+ empirical
-bias correction), gptq (output-reconstructing rounding), gptq_bias (both).
+Recipes (RECIPES, quantize.rounding): ptq (the converter's nearest rounding), ptq_bias (+ empirical
+bias correction), gptq (output-reconstructing rounding), gptq_bias (both), gptq_seq (both, layer
+groups on inputs that carry the earlier groups' rounding), and weights_* (the same weights in
+the Keras model with float activations: how much of the error the weights alone cause).
+--ablation adds the per-layer weight ablation.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.pooled import CONFIDENT
 from edge_runtime.atomic import atomic_path, write_json, write_text
-from edge_runtime.preprocess import dequantize, quantize
 
 # name -> (weight rounding, bias correction, converted to TFLite or weights only). The weights-only
 # recipes run the Keras model with every conv kernel on its int8 grid and float activations: the
@@ -33,7 +36,6 @@ RECIPES = {"ptq": ("nearest", False, False, True), "ptq_bias": ("nearest", True,
            "gptq": ("gptq", False, False, True), "gptq_bias": ("gptq", True, False, True),
            "gptq_seq": ("gptq", True, True, True), "weights_nearest": ("nearest", False, False, False),
            "weights_gptq_bias": ("gptq", True, False, False), "weights_gptq_seq": ("gptq", True, True, False)}
-CONFIDENT = 0.2  # a flip of an image whose float top-1/top-2 margin is at least this is "confident"
 SIDES = ("val", "test")
 
 
@@ -42,27 +44,8 @@ def fold_dirs(run: Path) -> list[Path]:
     return folds or [run]
 
 
-def run_tflite(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
-    """N x C outputs of a .tflite on normalized float inputs, quantized as the device does."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=model_bytes)
-    interpreter.allocate_tensors()
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    rows = []
-    for sample in x:
-        tensor = sample[None].astype(np.float32)
-        if inp["dtype"] != np.float32:
-            tensor = quantize(tensor, *inp["quantization"], inp["dtype"])
-        interpreter.set_tensor(inp["index"], tensor)
-        interpreter.invoke()
-        y = interpreter.get_tensor(out["index"])[0]
-        rows.append(dequantize(y, *out["quantization"]) if out["dtype"] != np.float32 else y)
-    return np.asarray(rows, dtype=np.float64)
-
-
 def study_fold(fold_dir: Path, recipes: list[str], out: Path, say) -> None:
-    from quantize.export import calibration_items, make_converter, representative_dataset
+    from quantize.export import calibration_items, make_converter, representative_dataset, run_model_bytes
     from quantize.rounding import reconstruct_weights
     from quantize.rundir import open_run
     from train.data import load_arrays
@@ -93,7 +76,7 @@ def study_fold(fold_dir: Path, recipes: list[str], out: Path, say) -> None:
             model_bytes = make_converter(source, "int8_ptq", representative_dataset(chosen, run.prep), io="int8").convert()
             with atomic_path(out / f"{recipe}.tflite") as tmp:
                 tmp.write_bytes(model_bytes)
-            probs = {side: run_tflite(model_bytes, data[side][0]) for side in SIDES}
+            probs = {side: run_model_bytes(model_bytes, data[side][0]) for side in SIDES}
         else:
             probs = {side: source.predict(data[side][0], verbose=0).astype(np.float64) for side in SIDES}
         with atomic_path(path) as tmp:
@@ -185,33 +168,11 @@ def ablation_markdown(ablation: dict) -> list[str]:
     return lines + [""]
 
 
-def margin(probs: np.ndarray) -> np.ndarray:
-    top = np.sort(probs, axis=1)
-    return top[:, -1] - top[:, -2]
-
-
-def compare(y, ref, other, labels) -> dict:
-    """One recipe against float on one set of images."""
-    from benchmarks.stats import wilson_interval
-    from train.metrics import classification_report
-
-    pred_ref, pred = ref.argmax(1), other.argmax(1)
-    flips = pred_ref != pred
-    m = margin(ref)
-    a, b = (classification_report(y, p, labels, bootstrap=0)["metrics"] for p in (ref, other))
-    same = int((~flips).sum())
-    return {"n": len(y), "agreement": same / len(y), "agreement_ci": wilson_interval(same, len(y)),
-            "flips": int(flips.sum()), "confident_flips": int((flips & (m >= CONFIDENT)).sum()),
-            "delta_accuracy": b["accuracy"]["value"] - a["accuracy"]["value"],
-            "delta_mcc": b["mcc"]["value"] - a["mcc"]["value"],
-            "delta_roc_auc": b["macro_roc_auc"]["value"] - a["macro_roc_auc"]["value"],
-            "float_accuracy": a["accuracy"]["value"], "float_mcc": a["mcc"]["value"],
-            "float_roc_auc": a["macro_roc_auc"]["value"],
-            "mean_abs_prob_diff": float(np.abs(ref - other).mean())}
-
-
 def pool(run: Path, recipes: list[str], labels: list[str]) -> dict:
-    """Per recipe and side: pooled over all folds, and each fold's agreement."""
+    """Per recipe and side: pooled over all folds (benchmarks.pooled's comparison), and each fold's agreement."""
+    from benchmarks.pooled import compare_pooled
+    from edge_runtime.decision import margins
+
     folds = [run / "int8_study" / d.name for d in fold_dirs(run)]
     result = {}
     for recipe in recipes:
@@ -229,10 +190,10 @@ def pool(run: Path, recipes: list[str], labels: list[str]) -> dict:
                     flipped.append({"fold": f.name, "image": Path(str(ref[f"{side}_paths"][i])).name,
                                     "label": labels[int(y[i])], "float": [round(float(v), 4) for v in p_ref[i]],
                                     "int8": [round(float(v), 4) for v in p[i]],
-                                    "float_margin": round(float(margin(p_ref[i:i + 1])[0]), 4)})
+                                    "float_margin": round(float(margins(p_ref[i:i + 1])[0]), 4)})
             if not ys:
                 continue
-            pooled = compare(np.concatenate(ys), np.concatenate(refs), np.concatenate(others), labels)
+            pooled = compare_pooled(np.concatenate(ys), np.concatenate(refs), np.concatenate(others), labels, bootstrap=0)
             entry[side] = {**pooled, "folds": len(per_fold), "agreement_per_fold": per_fold,
                            "agreement_mean": float(np.mean(per_fold)), "agreement_sd": float(np.std(per_fold)),
                            "flipped": flipped}

@@ -87,7 +87,7 @@ def flipped_table(report: dict, limit: int = 40) -> list[str]:
                   f"| image | true | float | {name} | float p ({', '.join(labels)}) | {name} p | float margin |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in sorted(rows, key=lambda r: -r["float_margin"])[:limit]:
-            lines.append(f"| {r['image']} | {r['label']} | {r['float']} | {r[name]} | "
+            lines.append(f"| {r['image']} | {r['label']} | {r['float']} | {r['variant']} | "
                          f"{', '.join(f'{p:.3f}' for p in r['float_probs'])} | "
                          f"{', '.join(f'{p:.3f}' for p in r['variant_probs'])} | {r['float_margin']:.3f} |")
         if len(rows) > limit:

@@ -37,7 +37,7 @@ from edge_runtime.metadata import MODEL_IDENTIFIER, read_metadata
 from edge_runtime.preprocess import Preprocessing, dequantize, preprocess, quantize
 
 # The model a fresh checkout ships: used when a command is given no MODEL.
-SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "busi" / "int8_qat.tflite"
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "busi" / "int8.tflite"
 # A flatbuffer cannot be larger (32-bit offsets); a sidecar is a few KB of JSON.
 MAX_MODEL_BYTES = 2**31
 MAX_SIDECAR_BYTES = 2**20

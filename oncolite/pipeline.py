@@ -207,7 +207,14 @@ def summarize(run: Path, fold_dirs: list[Path]) -> dict:
         variants[name] = entry
     pooled = pool(load_folds([d / "benchmark" for d in fold_dirs]))
     return {"variants": variants, "pooled": pooled, "split": per_fold[0].get("split"), "folds": len(fold_dirs),
-            "run": str(run), "stages": _load_state(run)}
+            "run": str(run), "stages": {k: {**v, "argv": [_shown(a) for a in v.get("argv", [])]}
+                                        for k, v in _load_state(run).items() if k != "settings"}}
+
+
+def _shown(arg: str) -> str:
+    """A path inside the repository as a path relative to it (reports are committed)."""
+    root = str(REPO_ROOT) + "/"
+    return arg[len(root):] if arg.startswith(root) else arg
 
 
 def summary_markdown(summary: dict, command: str | None = None) -> str:

@@ -183,7 +183,9 @@ def uncertain_margin(float_probs: np.ndarray, probs: np.ndarray, run: Run) -> fl
     if len(probs) == 0:
         return None
     worst = float(margin_errors(float_probs, probs, run.threshold(), run.labels).max())
-    return math.ceil(worst * 1000) / 1000
+    # A margin change can reach 2 (from one class to another outright); margins stop at 1, so a
+    # band of 1 already flags every answer: this model is no stand-in for the float one.
+    return min(1.0, math.ceil(worst * 1000) / 1000)
 
 
 def sidecar_facts(run: Run, variant: str, model_bytes: bytes, source: dict, options: dict, calibration,
@@ -281,7 +283,7 @@ def export_variants(run: Run, variants: list[str], chosen: list[dict], io: str, 
         source = model_source(run, SOURCES[spec.source])
         options = {"io": io_type(variant, io), "calibration_images": len(chosen) if spec.integer else None,
                    "allow_float_ops": bool(allow_float_ops or denylist), "selective": denylist or None,
-                   "rounding": spec.rounding if spec.integer else None, "batch": spec.batch}
+                   "rounding": rounding_recipe(spec.rounding) if spec.integer else None, "batch": spec.batch}
         results[variant] = export_one(run, variant, source, options, lambda: convert(
             variant, load_source(run, spec.source, float_model), float_model, chosen, run.prep, representative, options),
             calibration, validation)
@@ -376,6 +378,15 @@ def load_source(run: Run, source: str, float_model):
 _ROUNDED: dict = {}  # the last rounding: int8_gptq and its uint8 twin share it within one export
 
 
+def rounding_recipe(rounding: str) -> str:
+    """The weight rounding an export records: "nearest", or quantize.rounding's recipe name."""
+    if rounding == "nearest":
+        return rounding
+    from quantize.rounding import RECIPE
+
+    return RECIPE
+
+
 def rounded_copy(model, chosen: list[dict], prep):
     """quantize.rounding's copy of `model` on these calibration images, computed once per export."""
     from quantize.rounding import reconstruct_weights
@@ -395,7 +406,7 @@ def convert(variant: str, model, float_model, chosen: list[dict], prep, represen
         from quantize.debug import selective_quantize
 
         return selective_quantize(float_model, representative, options["selective"])
-    if options.get("rounding") == "gptq":
+    if options.get("rounding") not in (None, "nearest"):
         model = rounded_copy(model, chosen, prep)
     converter = make_converter(model, variant, representative, options["io"], options["allow_float_ops"],
                                options.get("batch"))

@@ -31,6 +31,13 @@ import tf_keras as keras
 QMAX = 127  # TFLite's symmetric int8 weight range is [-127, 127]
 DAMPING = 0.01  # added to the input second moments, relative to their mean diagonal (as in GPTQ)
 METHODS = ("nearest", "gptq")
+# What export records as the rounding of int8_gptq: a change to the recipe below re-exports it.
+RECIPE = "gptq-3 (one pass on float inputs, bias correction, nearest where calibration is too small)"
+# Reconstruction needs far more calibration samples than inputs per output (kernel size):
+# with fewer, E[x x^T] is rank-deficient and the solver cancels errors along directions the
+# calibration images never take, which new images do (the classifier head: 200 pooled feature
+# vectors for 1280 inputs). Such layers keep the converter's nearest rounding.
+MIN_SAMPLES_PER_INPUT = 10
 # Sequential rounding computes the inputs of this many consecutive layers (about one inverted
 # residual block) per pass through the partly rounded copy: 18 passes instead of 53 for MobileNetV2.
 SEQUENTIAL_GROUP = 3
@@ -168,7 +175,7 @@ def keep_scale(q: np.ndarray, rows: np.ndarray, step: np.ndarray) -> np.ndarray:
 
 
 def reconstruct_weights(model: keras.Model, batches, method: str = "gptq", bias_correction: bool = True,
-                        sequential: bool = True) -> tuple:
+                        sequential: bool = False) -> tuple:
     """A copy of the float model whose kernels, once the converter folds and rounds them,
     are the chosen int8 kernels; returns (model, per-layer report rows).
 
@@ -177,7 +184,9 @@ def reconstruct_weights(model: keras.Model, batches, method: str = "gptq", bias_
     `sequential`: each layer's inputs come from the copy with every earlier kernel already
     rounded, so a layer's rounding and bias also absorb what the layers before it changed
     (the mean of its float output is matched: E[W x_float] = E[Q x_rounded] + shift);
-    otherwise every layer sees the float model's inputs (one pass, faster)."""
+    otherwise every layer sees the float model's inputs (one pass, faster). On BUSI the one-pass
+    rounding is the measured one (docs/INT8.md); the sequential variant made fold 0 worse and is
+    kept for study (benchmarks.int8_study recipe gptq_seq), not used by export."""
     if method not in METHODS:
         raise ValueError(f"weight rounding must be one of {', '.join(METHODS)}, got {method!r}")
     batches = list(batches)
@@ -197,7 +206,7 @@ def reconstruct_weights(model: keras.Model, batches, method: str = "gptq", bias_
         nearest = round_nearest(rows, step)
         nearest_mse = _output_mse(rows - nearest * step[:, None], m)
         q, mse = nearest, nearest_mse
-        if method == "gptq":
+        if method == "gptq" and m.count >= MIN_SAMPLES_PER_INPUT * rows.shape[1]:
             # The greedy solver is not optimal: keep, per output channel, whichever rounding
             # reconstructs the calibration outputs better.
             candidate = gptq(rows, m.second(), step)

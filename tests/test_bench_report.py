@@ -252,3 +252,17 @@ def test_ssh_url_parsing():
     assert devices.parse_ssh_url("ssh://pi@host").port == 22
     with pytest.raises(Exception, match="ssh://user@host"):
         devices.parse_ssh_url("ssh://host-without-user")
+
+
+def test_timing_subprocesses_run_where_the_user_is(tmp_path, monkeypatch):
+    """A relative RUN_DIR or image path is the user's: the timing subprocess must see the same
+    working directory (it used to run in the repository and lost every latency figure)."""
+    import sys
+
+    from benchmarks.benchmark import run_json
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here.txt").write_text("x")
+    out = run_json([sys.executable, "-c", "import json, os; print(json.dumps({'cwd': os.getcwd(), "
+                    "'sees': os.path.exists('here.txt')}))"], "probe")
+    assert out == {"cwd": str(tmp_path), "sees": True}

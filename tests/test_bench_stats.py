@@ -90,3 +90,16 @@ def test_pooled_cv_counts_every_held_out_image_once_with_flips_and_the_uncertain
     assert int8["delta_accuracy"] == -0.5
     rows = flipped_images([f0, f1], "tflite_int8")
     assert [(r["fold"], r["image"], r["float_margin"]) for r in rows] == [(0, "img0.png", 0.6), (1, "img0.png", 0.02)]
+
+
+def test_benchmark_markdown_lists_each_flipped_image():
+    from benchmarks.pooled import flipped_images
+    from benchmarks.report import flipped_table
+
+    fold = {"labels": ["a", "b"], "images": ["x.png", "y.png"], "y": [0, 1],
+            "probs": {"keras_float": [[0.9, 0.1], [0.2, 0.8]], "tflite_int8": [[0.4, 0.6], [0.2, 0.8]]},
+            "rules": {"keras_float": None, "tflite_int8": None}, "uncertain_margin": {}}
+    report = {"labels": ["a", "b"], "flipped": {"tflite_int8": flipped_images([fold], "tflite_int8")}}
+    lines = flipped_table(report)
+    assert any(line.startswith("| x.png | a | a | b | 0.900, 0.100 | 0.400, 0.600 | 0.800 |") for line in lines), lines
+    assert not any("y.png" in line for line in lines)

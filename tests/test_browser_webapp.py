@@ -45,7 +45,7 @@ from webapp_models import browser_variant, tiny_model  # noqa: E402 (after the s
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUSI = REPO_ROOT / "data" / "busi"
-SHIPPED_INT8 = REPO_ROOT / "models" / "busi" / "int8_qat.tflite"
+SHIPPED_INT8 = REPO_ROOT / "models" / "busi" / "int8.tflite"
 SCREENSHOT = REPO_ROOT / "docs" / "field-page-browser.png"
 expect = playwright_api.expect
 

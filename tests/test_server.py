@@ -498,12 +498,12 @@ def test_real_tiny_tflite_end_to_end(tiny_tflite):
 def test_serve_without_model_names_the_missing_shipped_model(monkeypatch, tmp_path):
     import edge_runtime.model as edge_model
 
-    monkeypatch.setattr(edge_model, "SHIPPED_MODEL", tmp_path / "models" / "busi" / "int8_qat.tflite")
+    monkeypatch.setattr(edge_model, "SHIPPED_MODEL", tmp_path / "models" / "busi" / "int8.tflite")
     parser = __import__("argparse").ArgumentParser()
     server.add_arguments(parser)
     args = parser.parse_args([])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.max_upload_mb == 10
-    with pytest.raises(ModelError, match="int8_qat.tflite"):
+    with pytest.raises(ModelError, match="int8.tflite"):
         server.main(args)
 
 
