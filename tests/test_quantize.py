@@ -284,3 +284,35 @@ def test_qat_resume_and_int8_qat_export(run_dir):
     result = export_variants(run, ["int8_qat"], calibration_items(run.sides()["train"], 12, 0), "int8")
     assert result["int8_qat"]["sidecar"]["input"]["dtype"] == "int8"
     assert result["int8_qat"]["float_ops"] == []
+
+
+def test_a_partial_export_reports_every_model_of_the_run(run_dir, exported):
+    """`--variants fp32` rewrites the report: it still describes the int8 models on disk."""
+    from oncolite.cli import main as oncolite
+
+    assert oncolite(["export", str(run_dir), "--variants", "fp32", "--quiet"]) == 0
+    report = json.loads((run_dir / "models" / "export_report.json").read_text())
+    assert {"fp32", "int8_ptq"} <= set(report["variants"])
+    assert report["variants"]["int8_ptq"]["status"] == "earlier export"
+    assert report["variants"]["int8_ptq"]["size_vs_fp32"] is not None
+
+
+def test_selective_names_are_checked_and_the_suggested_command_pastes(run_dir, exported):
+    """The debugger's suggested --selective command survives a shell (tensor names hold ';'),
+    its names are accepted, and a name that is not in the model is refused, not ignored."""
+    import shlex
+
+    from edge_runtime.errors import OncoliteError
+    from quantize.debug import gate_report
+    from quantize.export import check_tensor_names, representative_dataset
+
+    run = open_run(run_dir)
+    chosen = calibration_items(run.sides()["train"], 12, 0)
+    report = gate_report(run, {"int8_ptq": exported["int8_ptq"]}, gate=-1.0,  # every variant "over the gate"
+                         representative=representative_dataset(chosen, run.prep), quiet=True)
+    argv = shlex.split(report["debugger"]["suggestion"])
+    assert argv[:3] == ["oncolite", "export", str(run_dir)] and argv[3] == "--selective"
+    names = argv[4].split(",")
+    check_tensor_names(run, names)  # the names the report suggests are the model's
+    with pytest.raises(OncoliteError, match="is not a tensor of int8_ptq.tflite"):
+        check_tensor_names(run, [names[0] + "x"])
