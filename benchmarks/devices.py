@@ -158,8 +158,8 @@ def ssh_benchmark(target: SshTarget, models: dict, probs: dict, rules: dict, ite
                                            f"{' '.join(remote_image(i, it['path']) for i, it in enumerate(items[:LATENCY_IMAGES]))} "
                                            f"--threads {','.join(map(str, threads))} --runs {runs} --warmup {warmup} --json",
                                    f"bench {path.name}"))
-        predicted = json.loads(ssh_run(target, f"{prefix} -m edge_runtime predict models/{path.name} {images} --json",
-                                       f"predict {path.name}"))
+        predicted = predict_records(ssh_run(target, f"{prefix} -m edge_runtime predict models/{path.name} {images} --json",
+                                            f"predict {path.name}"))
         remote_probs = prediction_probs(predicted, len(items))
         local, labels = probs[name], predicted["labels"]
         same = agreement(decisions(remote_probs, rules[name], labels), decisions(local, rules[name], labels))
@@ -173,10 +173,23 @@ def ssh_benchmark(target: SshTarget, models: dict, probs: dict, rules: dict, ite
             "variants": variants, "notes": emulation_notes(machine)}
 
 
+def predict_records(text: str) -> dict:
+    """`predict --json` output (JSON Lines: a model record, one record per file, a summary) as
+    {"labels": [...], "results": [per-file records in input order]}."""
+    try:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        raise OncoliteError("predict on the device printed something other than JSON Lines; "
+                            "run it by hand there to see why") from None
+    model = next((r for r in records if r.get("type") == "model"), {})
+    return {"labels": model.get("labels", []),
+            "results": [r for r in records if r.get("type") in ("result", "error")]}
+
+
 def prediction_probs(predicted: dict, n: int) -> np.ndarray:
     """N x C probabilities, in input order and label order, from `predict --json` output."""
     rows = predicted["results"]
-    failed = [r for r in rows if "error" in r]
+    failed = [r for r in rows if r.get("type") == "error"]
     if failed or len(rows) != n:
         raise OncoliteError(f"predict on the device classified {len(rows) - len(failed)} of {n} images"
                             + (f"; first error: {failed[0]['error']}" if failed else ""))

@@ -64,8 +64,7 @@ def time_keras(model_path: str, images: list[str], prep: Preprocessing, threads:
     import_ms = (time.perf_counter() - start) * 1e3
     start = time.perf_counter()
     path = Path(model_path)
-    model = (keras.models.load_model(path, compile=False, safe_mode=True) if path.suffix == ".keras"
-             else keras.models.load_model(path, compile=False))
+    model = keras.models.load_model(path, compile=False, safe_mode=True)  # .h5 / SavedModel ignore safe_mode
     load_ms = (time.perf_counter() - start) * 1e3
 
     inputs, prep_ms = [], []

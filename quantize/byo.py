@@ -69,10 +69,8 @@ def load_foreign_model(path):
         raise ModelError(f"{path}: not a Keras model file; give a .keras or .h5 file or a SavedModel directory "
                          "(a .tflite goes to `oncolite benchmark`, not export)")
     try:
-        if path.suffix.lower() == ".keras":
-            model = keras.models.load_model(path, compile=False, safe_mode=True)
-        else:
-            model = keras.models.load_model(path, compile=False)
+        # safe_mode refuses arbitrary code in .keras archives; .h5 and SavedModel ignore it.
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # noqa: BLE001 - Keras raises anything from ValueError to KeyError on foreign files
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ModelError(f"{path}: cannot load it as a tf-keras model ({first}); save it from Keras 2 / tf-keras "
