@@ -39,7 +39,7 @@ def load_folds(benchmark_dirs: list[Path]) -> list[dict]:
 def compare_pooled(y, ref, probs, labels, ref_rule=None, rule=None, flagged=None, bootstrap: int = 1000) -> dict:
     """A model against the reference on the same images: its metrics with CIs, and what differs
     (`flagged`: which images fall in the model's uncertain band, if it has one)."""
-    from benchmarks.stats import wilson_interval
+    from benchmarks.stats import agreement, flips as count_flips
 
     ref_pred, pred = decisions(ref, ref_rule, labels), decisions(probs, rule, labels)
     full = metrics.classification_report(y, probs, labels, bootstrap=bootstrap,
@@ -47,13 +47,12 @@ def compare_pooled(y, ref, probs, labels, ref_rule=None, rule=None, flagged=None
     base = metrics.classification_report(y, ref, labels, bootstrap=0,
                                          threshold=(ref_rule or {}).get("value"), positive=(ref_rule or {}).get("positive"))
     flips = ref_pred != pred
-    ref_margin = margins(ref, ref_rule, labels)
-    same = int((~flips).sum())
+    together, flipped = agreement(ref_pred, pred), count_flips(ref_pred, pred, margins(ref, ref_rule, labels), CONFIDENT)
     value = lambda report, key: report["metrics"][key]["value"]  # noqa: E731
     entry = {"n": int(len(y)), **{key: {"value": value(full, key), "ci": full["metrics"][key]["ci"]}
                                   for key in ("accuracy", "mcc", "macro_roc_auc", "macro_f1", "balanced_accuracy")},
-             "agreement": same / len(y), "agreement_ci": wilson_interval(same, len(y)),
-             "flips": int(flips.sum()), "confident_flips": int((flips & (ref_margin >= CONFIDENT)).sum()),
+             "agreement": together["value"], "agreement_ci": together["ci"],
+             "flips": flipped["count"], "confident_flips": flipped["confident"],
              "delta_accuracy": value(full, "accuracy") - value(base, "accuracy"),
              "delta_mcc": value(full, "mcc") - value(base, "mcc"),
              "delta_roc_auc": (value(full, "macro_roc_auc") - value(base, "macro_roc_auc"))

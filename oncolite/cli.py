@@ -12,7 +12,7 @@ COMMANDS = {
     "evaluate": ("train.evaluate", "metrics with confidence intervals, plots and error analysis of a model on a manifest"),
     "explain": ("train.gradcam", "Grad-CAM heatmap of the float model over an image"),
     "quantize": ("quantize.qat", "quantization-aware fine-tuning of a run's float model"),
-    "export": ("quantize.export", "export TFLite variants (fp32, fp16, dynamic, int8 PTQ, int8 QAT) with metadata"),
+    "export": ("quantize.export", "export TFLite variants (fp32, fp16, dynamic, int8 PTQ/GPTQ/QAT, the chosen int8 and its uint8 twin) with metadata"),
     "benchmark": ("benchmarks.benchmark", "float Keras model against every TFLite variant: accuracy, size, latency, memory"),
     **EDGE_COMMANDS,
 }

@@ -210,8 +210,9 @@ def parse_labels(text: str | None):
     return labels
 
 
-def add_model_arguments(parser, data_help: str, out_suffix: str = "export") -> None:
-    """The flags of a bring-your-own model: images, labels and preprocessing."""
+def add_model_arguments(parser, data_help: str, out_suffix: str = "export", seed_help: str | None = None) -> None:
+    """The flags of a bring-your-own model: images, labels and preprocessing (and --seed where
+    the command draws a sample: `seed_help`)."""
     group = parser.add_argument_group("bring your own model")
     group.add_argument("--data", metavar="DIR", help=data_help)
     group.add_argument("--labels", metavar="A,B,...",
@@ -221,7 +222,8 @@ def add_model_arguments(parser, data_help: str, out_suffix: str = "export") -> N
     group.add_argument("--std", help="normalization std, one value or R,G,B (default: read from the model)")
     group.add_argument("--resample", choices=("bilinear", "bicubic", "nearest", "area"), help="resize filter (default bilinear)")
     group.add_argument("--out", metavar="DIR", help=f"output folder (default: <model stem>_{out_suffix}/ beside the model)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the calibration sample and the --data split")
+    if seed_help:
+        group.add_argument("--seed", type=int, default=0, help=seed_help)
 
 
 # --- images ---------------------------------------------------------------------------------

@@ -45,9 +45,9 @@ from edge_runtime.hashing import bytes_sha256, file_sha256
 from edge_runtime.metadata import write_metadata
 from edge_runtime.model import sidecar_path
 from edge_runtime.preprocess import dequantize, normalize, preprocess, quantize
+from edge_runtime.variants import INT8_CANDIDATES, SELECTABLE, VARIANTS, io_type
 from quantize import checks
 from quantize.rundir import Run, open_run
-from edge_runtime.variants import INT8_CANDIDATES, SELECTABLE, VARIANTS, io_type
 from train.model import load_float_model
 
 SELECTIVE_VARIANT = "int8_ptq_selective"
@@ -74,7 +74,8 @@ def add_arguments(parser) -> None:
     from quantize.byo import add_model_arguments
 
     add_model_arguments(parser, "images in class folders: one half calibrates, the other is the validation gate "
-                                "(a bring-your-own MODEL)")
+                                "(a bring-your-own MODEL)",
+                        seed_help="seed of the calibration sample and the --data split")
     parser.add_argument("--manifest", metavar="M", help="a manifest whose train side calibrates and val side gates "
                                                         "(a bring-your-own MODEL)")
     add_output_flags(parser)
@@ -241,6 +242,7 @@ class Validation:
 
     def __init__(self, run: Run, float_model):
         self.run, self.float_model, self.x, self.float_probs = run, float_model, None, None
+        self._probs: dict[str, np.ndarray] = {}  # by model sha256: a candidate is run here once
 
     def load(self) -> "Validation":
         if self.x is None:
@@ -252,7 +254,16 @@ class Validation:
         return self
 
     def probs(self, model_bytes: bytes) -> np.ndarray:
-        return run_model_bytes(model_bytes, self.load().x)
+        """The model's validation probabilities, computed once per model (by sha256)."""
+        key = bytes_sha256(model_bytes)
+        if key not in self._probs:
+            self._probs[key] = run_model_bytes(model_bytes, self.load().x)
+        return self._probs[key]
+
+    def same_model(self, model_bytes: bytes, written_sha256: str) -> None:
+        """The file written with metadata computes what the converted bytes did: choosing `int8`
+        from the files on disk then reuses the probabilities computed for the band."""
+        self._probs[written_sha256] = self.probs(model_bytes)
 
     def fidelity(self, model_bytes: bytes) -> dict:
         """How closely a model follows the float model here: decision agreement and mean |Δp|."""
@@ -307,6 +318,8 @@ def export_one(run: Run, variant: str, source: dict, options: dict, make, calibr
     band = uncertain_margin(validation.load().float_probs, validation.probs(model_bytes), run) if spec.integer else None
     sidecar = write_export(run, variant, model_bytes, sidecar_facts(run, variant, model_bytes, source, options,
                                                                     calibration if spec.integer else None, band))
+    if spec.integer:
+        validation.same_model(model_bytes, sidecar["sha256"])
     return {"status": "exported", "sidecar": sidecar, **ops}
 
 
@@ -400,8 +413,9 @@ def rounded_copy(model, chosen: list[dict], prep):
 
 
 def convert(variant: str, model, float_model, chosen: list[dict], prep, representative, options: dict) -> bytes:
-    """One conversion. With options["rounding"] == "gptq" the converter gets a copy of the float
-    model whose kernels quantize.rounding chose; the selective variant goes through the debugger."""
+    """One conversion. With a rounding other than "nearest" (quantize.rounding's recipe) the
+    converter gets a copy of the float model whose kernels that recipe chose; the selective
+    variant goes through the debugger."""
     if variant == SELECTIVE_VARIANT:
         from quantize.debug import selective_quantize
 

@@ -9,7 +9,7 @@ channels are equal, so Conv1's effective kernel is the *sum* of three ImageNet c
 that largely cancel) and the early BatchNorm scales are large. That is where most int8-vs-float
 flips come from (docs/INT8.md: the first four layers hold half of them).
 
-`reconstruct_weights` chooses, for every conv kernel, the grid point of each weight so that the
+`reconstruct_weights` chooses, for every conv and dense kernel, the grid point of each weight so that the
 layer's output on calibration images stays closest to float: min_Q E||(W - Q) x||^2 over Q on
 the converter's own grid, solved weight by weight with second-order error feedback (GPTQ:
 Frantar et al., ICLR 2023, the greedy solver of the objective that AdaRound, Nagel et al., ICML
@@ -264,8 +264,8 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
     conv before it, as the converter folds it. Quantization-aware training of this model
     fake-quantizes the very kernels the converter will round (tfmot quantizes the unfolded
     kernel and leaves the BatchNorm apart, so its simulation is not the converted model's)."""
-    pairs = {bn.name: layer for layer, bn in weight_layers(model) if bn is not None}
-    into = {bn_name: layer.name for bn_name, layer in pairs.items()}
+    bn_of = {layer.name: bn for layer, bn in weight_layers(model) if bn is not None}
+    into = {bn.name: conv for conv, bn in bn_of.items()}
     config = model.get_config()
 
     def rewire(node):  # an inbound reference to a folded BatchNorm now points at its conv
@@ -280,27 +280,21 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
         if entry["name"] in into:
             continue
         entry = {**entry, "inbound_nodes": rewire(entry["inbound_nodes"])}
-        if entry["name"] in {layer.name for layer in pairs.values()}:
+        if entry["name"] in bn_of:
             entry["config"] = {**entry["config"], "use_bias": True}
         layers.append(entry)
     config = {**config, "layers": layers, "output_layers": rewire(config["output_layers"])}
     folded = keras.Model.from_config(config)
     for layer in folded.layers:
-        source = model.get_layer(layer.name)
-        bn = next((b for b, conv in pairs.items() if conv.name == layer.name), None)
+        source, bn = model.get_layer(layer.name), bn_of.get(layer.name)
         if bn is None:
             layer.set_weights(source.get_weights())
             continue
-        bn_layer = model.get_layer(bn)
-        gamma, beta, mean, variance = [np.asarray(w, np.float32) for w in bn_layer.get_weights()]
-        factor = bn_scale(bn_layer)
-        kernel = np.asarray(source.get_weights()[0], np.float32)
-        if isinstance(source, keras.layers.DepthwiseConv2D):
-            kernel = kernel * factor.reshape(1, 1, -1, 1)
-        else:
-            kernel = kernel * factor.reshape(*([1] * (kernel.ndim - 1)), -1)
-        bias = (beta - mean * factor).astype(np.float32)
+        _, beta, mean, _ = [np.asarray(w, np.float32) for w in bn.get_weights()]
+        factor = bn_scale(bn)
+        bias = beta - mean * factor
         if len(source.get_weights()) > 1:  # a conv with its own bias before the BatchNorm
             bias = bias + source.get_weights()[1] * factor
-        layer.set_weights([kernel, bias])
+        write_kernel(layer, None, folded_kernel(source, bn))  # the converter's folded kernel, in Keras layout
+        layer.set_weights([layer.get_weights()[0], bias.astype(np.float32)])
     return folded
