@@ -12,7 +12,9 @@ Recipes (RECIPES, quantize.rounding): ptq (the converter's nearest rounding), pt
 bias correction), gptq (output-reconstructing rounding), gptq_bias (both), gptq_seq (both, layer
 groups on inputs that carry the earlier groups' rounding), and weights_* (the same weights in
 the Keras model with float activations: how much of the error the weights alone cause).
---ablation adds the per-layer weight ablation.
+--ablation adds the per-layer ablations: weights (one conv kernel at a time in int8, float
+activations) and activations (one op output at a time on its int8 grid, simulated in Keras on
+top of the gptq_bias kernels with the converted model's own scales).
 """
 
 from __future__ import annotations
@@ -84,8 +86,14 @@ def study_fold(fold_dir: Path, recipes: list[str], out: Path, say) -> None:
         say(f"{fold_dir.name} {recipe}: {time.monotonic() - t0:.0f} s")
 
 
+def split_probs(probs: np.ndarray, cut: int) -> dict:
+    """Probabilities (4 decimals: enough for decisions and mean |Δp|, small on disk) per side."""
+    probs = np.round(probs.astype(np.float64), 4)
+    return {SIDES[0]: probs[:cut].tolist(), SIDES[1]: probs[cut:].tolist()}
+
+
 def weight_ablation(fold_dir: Path, out: Path, say) -> None:
-    """Per conv layer, the decisions on the fold's validation and test images when only that
+    """Per conv layer, the probabilities on the fold's validation and test images when only that
     layer's kernel is rounded to its int8 grid (the converter's nearest rounding, BatchNorm
     folded) and when every kernel but that one is; activations stay float. Saved as
     out/ablation.json (resumes per fold)."""
@@ -114,8 +122,7 @@ def weight_ablation(fold_dir: Path, out: Path, say) -> None:
         layer.set_weights(original[layer.name])
 
     def decide() -> dict:
-        pred = model.predict(x, batch_size=32, verbose=0).argmax(1)
-        return {SIDES[0]: pred[:cut].tolist(), SIDES[1]: pred[cut:].tolist()}
+        return split_probs(model.predict(x, batch_size=32, verbose=0), cut)
 
     result = {"layers": [layer.name for layer, _ in pairs], "only": {}, "all_but": {}}
     for layer, _ in pairs:
@@ -133,38 +140,182 @@ def weight_ablation(fold_dir: Path, out: Path, say) -> None:
     say(f"{fold_dir.name} ablation: {time.monotonic() - t0:.0f} s")
 
 
-def pool_ablation(run: Path) -> dict:
-    """Per layer and side, pooled over folds: flips against float with only that layer's weights
-    in int8, and with all but that layer's."""
-    rows, total = {}, {side: {"all": 0, "n": 0} for side in SIDES}
+def activation_points(tflite_path: Path) -> dict:
+    """Where the converted model rounds activations: Keras layer name -> (scale, zero point) of
+    each op's int8 output (the op's fused last layer, e.g. `block_1_expand_relu` for
+    conv + BatchNorm + ReLU6), plus "softmax" for the output. The input tensor is left out: with
+    mean = std = 128 it is exact."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tflite_path))
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    points = {}
+    for op in interpreter._get_ops_details():
+        if op["op_name"] in ("DELEGATE", "QUANTIZE", "DEQUANTIZE"):
+            continue
+        tensor = tensors[op["outputs"][0]]
+        scale, zero_point = tensor["quantization"]
+        if not scale:
+            continue
+        parts = tensor["name"].split(";")[0].split("/")
+        points["softmax" if op["op_name"] == "SOFTMAX" else parts[1]] = (float(scale), int(zero_point))
+    return points
+
+
+def simulate_activations(model, points: dict):
+    """A copy of `model` (sharing its weights) that rounds each point's output to its int8 grid
+    when that point's switch is 1: returns (model, {point: tf.Variable switch}). The classifier
+    layer's logits and its softmax output are rounded separately, as the converted model does."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    switches = {name: tf.Variable(0.0, trainable=False, name=f"quantize_{name}") for name in points}
+
+    def rounded(x, name):
+        scale, zero_point = points[name]
+        q = (tf.clip_by_value(tf.round(x / scale) + zero_point, -128.0, 127.0) - zero_point) * scale
+        return x + switches[name] * (q - x)
+
+    class Rounded(keras.layers.Layer):
+        def __init__(self, inner):
+            super().__init__(name=inner.name)
+            self.inner = inner
+
+        def call(self, inputs):
+            if isinstance(self.inner, keras.layers.Dense) and self.inner.activation is keras.activations.softmax:
+                logits = tf.matmul(inputs, self.inner.kernel) + self.inner.bias
+                probs = tf.nn.softmax(rounded(logits, self.inner.name) if self.inner.name in points else logits)
+                return rounded(probs, "softmax") if "softmax" in points else probs
+            return rounded(self.inner(inputs), self.inner.name)
+
+    def wrap(layer):
+        return Rounded(layer) if layer.name in points or (layer is model.layers[-1] and "softmax" in points) else layer
+
+    return keras.models.clone_model(model, clone_function=wrap), switches
+
+
+def activation_ablation(fold_dir: Path, out: Path, say) -> None:
+    """Per activation the converter rounds, the decisions on the fold's validation and test
+    images (probabilities) of the reconstructed-weights model (recipe gptq_bias's Keras weights)
+    when only that activation is rounded to the converted model's int8 grid, and when all but
+    that one are.
+    The grids are read from the fold's gptq_bias.tflite; "all" is checked against that file's
+    own decisions. Saved as out/activation_ablation.json (resumes per fold)."""
+    from quantize.export import calibration_items
+    from quantize.rounding import reconstruct_weights
+    from quantize.rundir import open_run
+    from train.data import load_arrays
+    from train.model import load_float_model
+
+    path, tflite = out / "activation_ablation.json", out / "gptq_bias.tflite"
+    if path.exists():
+        return
+    t0 = time.monotonic()
+    run = open_run(fold_dir)
+    sides = run.sides()
+    x = np.concatenate([load_arrays(sides[side], run.labels, run.prep, quiet=True)[0] for side in SIDES])
+    cut = len(sides[SIDES[0]])
+    chosen = calibration_items(sides["train"], int(run.config["export"]["calibration_images"]), int(run.config["seed"]))
+    calib, _ = load_arrays(chosen, run.labels, run.prep, quiet=True)
+    weights, _ = reconstruct_weights(load_float_model(run.models / "float.keras"),
+                                     [calib[i:i + 16] for i in range(0, len(calib), 16)], method="gptq", bias_correction=True)
+    points = activation_points(tflite)
+    model, switches = simulate_activations(weights, points)
+
+    def decide() -> dict:
+        return split_probs(model.predict(x, batch_size=32, verbose=0), cut)
+
+    def set_all(value: float) -> None:
+        for switch in switches.values():
+            switch.assign(value)
+
+    result = {"points": {name: {"scale": s, "zero_point": z} for name, (s, z) in points.items()},
+              "none": decide(), "only": {}, "all_but": {}}
+    for name, switch in switches.items():
+        switch.assign(1.0)
+        result["only"][name] = decide()
+        switch.assign(0.0)
+    set_all(1.0)
+    result["all"] = decide()
+    for name, switch in switches.items():
+        switch.assign(0.0)
+        result["all_but"][name] = decide()
+        switch.assign(1.0)
+    write_json(path, result)
+    say(f"{fold_dir.name} activation ablation: {time.monotonic() - t0:.0f} s")
+
+
+# name -> (file in each fold's study folder, what is rounded, what stays float)
+ABLATIONS = {"weights": ("ablation.json", "conv kernel rounded to its int8 grid (nearest, BatchNorm folded, as the converter "
+                         "does)", "float activations, float kernels elsewhere"),
+             "activations": ("activation_ablation.json", "op output rounded to the converted gptq_bias model's int8 grid",
+                             "reconstructed (gptq_bias) int8 kernels everywhere")}
+
+
+def pool_ablation(run: Path, kind: str) -> dict:
+    """Per ablated layer (or activation) and side, pooled over folds: flips against the float
+    model and mean |Δp| with only that one rounded, and with all but that one."""
+    name = ABLATIONS[kind][0]
+    rows, total = {}, {side: {"none": 0, "all": 0, "n": 0, "none_dp": 0.0, "all_dp": 0.0} for side in SIDES}
+    folds = 0
     for d in fold_dirs(run):
         f = run / "int8_study" / d.name
-        if not (f / "ablation.json").exists():
+        if not (f / name).exists():
             continue
-        ab, ref = json.loads((f / "ablation.json").read_text()), np.load(f / "float.npz")
+        folds += 1
+        ab, ref = json.loads((f / name).read_text()), np.load(f / "float.npz")
         for side in SIDES:
-            float_pred = ref[f"{side}_probs"].argmax(1)
-            total[side]["all"] += int((np.array(ab["all"][side]) != float_pred).sum())
-            total[side]["n"] += len(float_pred)
-            for layer in ab["layers"]:
-                row = rows.setdefault(layer, {s: {"only": 0, "all_but": 0} for s in SIDES})
-                row[side]["only"] += int((np.array(ab["only"][layer][side]) != float_pred).sum())
-                row[side]["all_but"] += int((np.array(ab["all_but"][layer][side]) != float_pred).sum())
-    return {"layers": rows, "total": total}
+            p_ref = ref[f"{side}_probs"].astype(np.float64)
+
+            def flips_and_dp(probs) -> tuple[int, float]:
+                probs = np.asarray(probs)
+                return int((probs.argmax(1) != p_ref.argmax(1)).sum()), float(np.abs(probs - p_ref).sum())
+
+            t = total[side]
+            t["n"] += len(p_ref)
+            for key in ("none", "all"):
+                if key in ab:
+                    flips, dp = flips_and_dp(ab[key][side])
+                    t[key] += flips
+                    t[f"{key}_dp"] += dp
+            for layer in ab["only"]:
+                row = rows.setdefault(layer, {s: {"only": 0, "all_but": 0, "only_dp": 0.0, "all_but_dp": 0.0} for s in SIDES})
+                for key in ("only", "all_but"):
+                    flips, dp = flips_and_dp(ab[key][layer][side])
+                    row[side][key] += flips
+                    row[side][f"{key}_dp"] += dp
+    # Sums of |Δp| over images and classes -> mean per probability.
+    classes = None
+    for d in fold_dirs(run):
+        if (run / "int8_study" / d.name / "float.npz").exists():
+            classes = np.load(run / "int8_study" / d.name / "float.npz")["val_probs"].shape[1]
+            break
+    for side in SIDES:
+        cells = max(total[side]["n"] * (classes or 1), 1)
+        for key in ("none_dp", "all_dp"):
+            total[side][key] /= cells
+        for row in rows.values():
+            for key in ("only_dp", "all_but_dp"):
+                row[side][key] /= cells
+    return {"kind": kind, "folds": folds, "layers": rows, "total": total}
 
 
 def ablation_markdown(ablation: dict) -> list[str]:
-    total = ablation["total"]
-    lines = ["## Per-layer ablation: int8 weights, float activations", "",
-             "Flips against the float model pooled over folds (val / test images: "
-             f"{total['val']['n']} / {total['test']['n']}), with only one conv layer's kernel rounded to its int8 grid "
-             "(nearest, BatchNorm folded, as the converter does), and with every kernel but that one rounded. "
-             f"Every kernel rounded: {total['val']['all']} / {total['test']['all']} flips.", "",
-             "| layer | only this layer int8: val | test | all but this layer int8: val | test |",
+    total, (_, rounded, rest) = ablation["total"], ABLATIONS[ablation["kind"]]
+    base = "float weights and activations" if ablation["kind"] == "weights" else rest
+    lines = [f"## Per-layer ablation: {ablation['kind']} ({ablation['folds']} folds)", "",
+             f"Flips against the float Keras model and mean |Δp| (per probability), pooled over folds, on the "
+             f"validation / test images ({total['val']['n']} / {total['test']['n']}): with only one {rounded} "
+             f"({rest}), and with every one but that one rounded. Nothing rounded ({base}): "
+             f"{total['val']['none']} / {total['test']['none']} flips, mean |Δp| {total['test']['none_dp']:.4f} on test; "
+             f"everything rounded: {total['val']['all']} / {total['test']['all']} flips, mean |Δp| "
+             f"{total['test']['all_dp']:.4f} on test.", "",
+             "| layer | only this: flips val / test | mean abs Δp test | all but this: flips val / test | mean abs Δp test |",
              "| --- | --- | --- | --- | --- |"]
     for layer, row in ablation["layers"].items():
-        lines.append(f"| {layer} | {row['val']['only']} | {row['test']['only']} | {row['val']['all_but']} | "
-                     f"{row['test']['all_but']} |")
+        v, t = row["val"], row["test"]
+        lines.append(f"| {layer} | {v['only']} / {t['only']} | {t['only_dp']:.4f} | {v['all_but']} / {t['all_but']} | "
+                     f"{t['all_but_dp']:.4f} |")
     return lines + [""]
 
 
@@ -231,13 +382,16 @@ def main(argv=None) -> int:
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {','.join(RECIPES)}")
     parser.add_argument("--folds", help="comma-separated fold numbers (default: all)")
     parser.add_argument("--out", help="report folder (default: RUN/int8_study)")
-    parser.add_argument("--ablation", action="store_true", help="also the per-layer weight ablation (~4 min per fold here)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also the per-layer weight and activation ablations (needs recipe gptq_bias; ~10 min per fold here)")
     args = parser.parse_args(argv)
     run = Path(args.run)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         parser.error(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
+    if args.ablation and "gptq_bias" not in recipes:
+        parser.error("--ablation reads the activation grids from recipe gptq_bias's model: add gptq_bias to --recipes")
     dirs = fold_dirs(run)
     if args.folds:
         wanted = {s.strip() for s in args.folds.split(",")}
@@ -247,15 +401,16 @@ def main(argv=None) -> int:
         study_fold(d, recipes, run / "int8_study" / d.name, say)
         if args.ablation:
             weight_ablation(d, run / "int8_study" / d.name, say)
+            activation_ablation(d, run / "int8_study" / d.name, say)
     from quantize.rundir import open_run
 
     labels = open_run(dirs[0]).labels
     results = pool(run, recipes, labels)
     out = Path(args.out or run / "int8_study")
     command = "python -m benchmarks.int8_study " + " ".join(argv if argv is not None else sys.argv[1:])
-    ablation = pool_ablation(run) if args.ablation else None
-    write_json(out / "report.json", {"command": command, "recipes": results, "ablation": ablation})
-    md = markdown(results, command) + ("\n".join(ablation_markdown(ablation)) if ablation else "")
+    ablations = [pool_ablation(run, kind) for kind in ABLATIONS] if args.ablation else []
+    write_json(out / "report.json", {"command": command, "recipes": results, "ablations": ablations})
+    md = markdown(results, command) + "".join("\n".join(ablation_markdown(a)) for a in ablations)
     write_text(out / "report.md", md)
     print(md)
     return 0

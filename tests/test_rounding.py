@@ -101,3 +101,27 @@ def test_reconstruction_beats_nearest_rounding_per_layer_and_end_to_end():
 
     reference = features(model)
     assert np.abs(features(rounded) - reference).mean() < np.abs(features(nearest) - reference).mean()
+
+
+def test_activation_simulation_is_the_converted_model(tmp_path):
+    """benchmarks.int8_study's activation ablation rounds each op output on the converted model's
+    own grid: with every switch on it must be the .tflite (up to the int32 arithmetic), with
+    every switch off the Keras model itself."""
+    from benchmarks.int8_study import activation_points, simulate_activations
+
+    model, calib, held_out = tiny_model(), gray_images(16, 0), gray_images(12, 1)
+    rounded, _ = reconstruct_weights(model, [calib], method="gptq", bias_correction=True)
+    path = tmp_path / "int8.tflite"
+    path.write_bytes(convert(rounded, calib))
+    points = activation_points(path)
+    assert {"Conv1_relu", "expanded_conv_project_BN", "head_pool", "predictions", "softmax"} <= set(points)
+    simulated, switches = simulate_activations(rounded, points)
+    keras_out = rounded.predict(held_out, verbose=0)
+    assert np.array_equal(simulated.predict(held_out, verbose=0), keras_out)
+    for switch in switches.values():
+        switch.assign(1.0)
+    device = outputs(path.read_bytes(), held_out)
+    sim = simulated.predict(held_out, verbose=0)
+    # The simulation reproduces what rounding the activations does to the output: far closer to
+    # the device than the float-activation model is.
+    assert np.abs(sim - device).mean() < 0.5 * np.abs(keras_out - device).mean()
