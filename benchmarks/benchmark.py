@@ -4,8 +4,11 @@ Accuracy side: every model predicts the SAME held-out images of the manifest; me
 bootstrap CIs come from train.metrics, paired statistics against the float model from
 benchmarks.stats. Cost side: size, load time, latency per thread count and peak RSS, each
 variant timed in a process of its own (`python -m edge_runtime bench` for .tflite files,
-`python -m benchmarks.latency` for the Keras model). Devices given with --target run the
-same edge bench remotely. Writes RUN_DIR/benchmark/report.json, report.md and PNG plots.
+`python -m oncolite.benchmarks.latency` for the Keras model). Variants LiteRT.js can run (the
+int8_uint8 export) are also timed in headless Chromium (edge_runtime.webapp.browser_latency)
+in the same run, when Chromium, playwright and the LiteRT.js files are there (--no-browser:
+never). Devices given with --target run the same edge bench remotely. Writes
+RUN_DIR/benchmark/report.json, report.md and PNG plots.
 
 A run directory of a CV fold (RUN/folds/<i>) is benchmarked on its own fold's test side; a
 binary model with an operating point decides with it (the float model: RUN_DIR/threshold.json,
@@ -25,18 +28,19 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.console import add_output_flags, print_json, progress, say
+from edge_runtime.console import add_output_flags, old_spelling, print_json, progress, say
 from edge_runtime.errors import EXIT_OK, EXIT_SOME_FAILED, OncoliteError
 from edge_runtime.hashing import file_sha256
+from oncolite.train.config import add_set_argument, with_overrides
 
-from benchmarks.pooled import flipped_images, fold_predictions
-from benchmarks.report import BASELINE, FLOAT
+from .pooled import flipped_images, fold_predictions
+from .report import BASELINE, FLOAT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # report key (issue 8's names) -> train.metrics name
 METRICS = {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy", "f1_macro": "macro_f1",
            "roc_auc_macro": "macro_roc_auc", "pr_auc_macro": "macro_pr_auc", "mcc": "mcc"}
 LATENCY_IMAGES = 10  # distinct images cycled through by the timed runs
+BROWSER_THREADS = "1"  # the page runs LiteRT.js on one thread: compared with the Python runtime at 1
 
 
 def add_arguments(parser) -> None:
@@ -48,9 +52,11 @@ def add_arguments(parser) -> None:
                              ".tflite file is compared with; images from --data or --manifest")
     parser.add_argument("--manifest", help="manifest with the held-out images (default: RUN_DIR/manifest.json)")
     parser.add_argument("--side", default="test", choices=("test", "val", "train"), help="manifest side to evaluate on")
-    parser.add_argument("--threads",
-                        help="thread counts to time, comma-separated, capped at the available cores; 'none' skips "
-                             "timing (default: config benchmark.threads)")
+    parser.add_argument("--threads", metavar="N,...",
+                        help="interpreter thread counts to time, comma-separated as in `bench`, capped at the "
+                             "available cores (default: config benchmark.threads)")
+    parser.add_argument("--no-timing", action="store_true",
+                        help="accuracy, agreement and size only: no latency, memory or browser timing")
     parser.add_argument("--runs", type=int, help="timed runs per variant and thread count (default: config benchmark.runs)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up runs before them (default: config benchmark.warmup)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs")
@@ -59,11 +65,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--benchmark-model", metavar="PATH",
                         help="LiteRT's Android benchmark_model binary for adb targets "
                              "(default: $ONCOLITE_BENCHMARK_MODEL, else tools/benchmark_model)")
+    parser.add_argument("--no-browser", dest="browser", action="store_false",
+                        help="skip the in-browser latency (LiteRT.js in headless Chromium; by default measured for "
+                             "the variants it can run when Chromium, playwright and web/node_modules are there)")
     parser.add_argument("--compare", nargs="+", metavar="REPORT",
                         help="merge these report.json files (or run directories) with RUN_DIR's into one table; runs nothing")
-    from quantize.byo import add_model_arguments
+    from oncolite.quantize.byo import add_model_arguments
 
     add_model_arguments(parser, "images in class folders, every one evaluated (with --float)", out_suffix="benchmark")
+    add_set_argument(parser, "benchmark")
     add_output_flags(parser)
 
 
@@ -77,62 +87,52 @@ def main(args) -> int:
         raise OncoliteError(f"--{used[0]}: only with --float MODEL (a bring-your-own model); a run directory has its own")
     run_dir = Path(args.run_dir[0])
     if args.compare:
-        from benchmarks.report import compare_reports, write_comparison
+        from .report import compare_reports, write_comparison
 
         reports = [load_report(p) for p in [run_dir, *args.compare]]
         merged = compare_reports(reports)
         md = write_comparison(run_dir / "benchmark", merged)
         print_json(merged) if args.json else say(args, md)
         return EXIT_OK
-    from benchmarks.report import write_report
-    from quantize.rundir import open_run
+    from .report import write_report
+    from oncolite.quantize.rundir import open_run
 
     run = open_run(run_dir)
+    run.config = with_overrides(run.config, args.set, "benchmark")
     settings = run.config["benchmark"]
-    threads = parse_threads(args.threads) if args.threads is not None else usable_threads(settings["threads"])
+    threads = timed_threads(args, settings["threads"])
     report, probs, y = run_benchmark(run, manifest_path=args.manifest, side=args.side, threads=threads,
                                      runs=settings["runs"] if args.runs is None else args.runs,
                                      warmup=settings["warmup"] if args.warmup is None else args.warmup,
                                      bootstrap=args.bootstrap, targets=args.target, benchmark_model=args.benchmark_model,
-                                     quiet=args.quiet or args.json, command=args.command_line)
+                                     browser=args.browser, quiet=args.quiet or args.json, command=args.command_line)
 
     md = write_report(run_dir / "benchmark", report, probs, y)
-    print_json(report) if args.json else say(args, md, *timing_lines(report), f"report: {run_dir / 'benchmark' / 'report.md'}")
+    # report.md holds every timing: the CPU's int8 features, the float model's ways of calling,
+    # batch throughput, the image-to-answer split and the browser's latency.
+    print_json(report) if args.json else say(args, md, f"report: {run_dir / 'benchmark' / 'report.md'}")
     return EXIT_SOME_FAILED if report["failures"] else EXIT_OK
 
 
-def timing_lines(report: dict) -> list[str]:
-    """What the report's tables leave out: the CPU's int8 features, the Keras ways of calling,
-    batch-32 throughput and the int8 models' image-to-answer split."""
-    from edge_runtime.bench import cpu_line
-
-    lines = [f"cpu: {report['machine'].get('cpu_model', report['machine'].get('machine'))}: {cpu_line(report['machine'])}"]
-    for name, v in report["variants"].items():
-        for t, modes in (v.get("keras_modes") or {}).items():
-            parts = [f"{m} {r['inference_ms']['p50']:.2f} ms" if "inference_ms" in r else f"{m} failed ({r['error'][:60]})"
-                     for m, r in modes.items()]
-            lines.append(f"{name} @{t}: " + ", ".join(parts) + f"; speed-ups are against {v['keras_mode'][t]}")
-        for t, b in (v.get("batch") or {}).items():
-            if b:
-                lines.append(f"{name} @{t}: batch {b['batch']}: " + (f"{b['images_per_s']:.1f} images/s" if b.get("supported")
-                                                                     else f"not supported ({b.get('reason')})"))
-        for t, st in (v.get("stages_ms") or {}).items():
-            if st:
-                split = ", ".join(f"{k} {st[k]['p50']:.3f}" for k in ("decode_resize", "quantize", "invoke", "read_out") if st.get(k))
-                lines.append(f"{name} @{t}: image to answer p50 {st['image_to_answer']['p50']:.3f} ms ({split}; "
-                             f"x{st['image_to_answer_over_invoke']} of invoke)")
-    return lines
-
-
 def parse_threads(text: str) -> list[int]:
-    """'1,2,4' -> the counts this machine can run (at most its usable cores); 'none' -> []."""
+    """'1,2,4' (read as `bench` reads it) -> the counts this machine can run (at most its usable
+    cores); 'none', the old spelling of --no-timing -> []."""
+    from edge_runtime.bench import parse_threads as thread_list
+
     if text.strip().lower() in ("none", "0", ""):
         return []
-    try:
-        wanted = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise OncoliteError(f"--threads {text!r}: give comma-separated integers like 1,2,4, or none") from None
-    return usable_threads(wanted)
+    return usable_threads(thread_list(text))
+
+
+def timed_threads(args, configured) -> list[int]:
+    """The thread counts to time: none with --no-timing, else --threads, else the config's."""
+    if args.no_timing:
+        return []
+    if args.threads is None:
+        return usable_threads(configured)
+    if args.threads.strip().lower() == "none":
+        old_spelling(args, "--threads none", "--no-timing")
+    return parse_threads(args.threads)
 
 
 def usable_threads(wanted) -> list[int]:
@@ -195,10 +195,10 @@ def model_preprocessing(run_dir: Path):
 
 
 def run_benchmark(run, manifest_path=None, side="test", threads=(1, 2), runs=50, warmup=5, bootstrap=1000,
-                  targets=(), benchmark_model=None, quiet=False, command=None):
+                  targets=(), benchmark_model=None, browser=True, quiet=False, command=None):
     """Evaluate and time everything of a run (quantize.rundir.open_run) on its fold's `side`;
     returns (report dict, {name: probs}, y_true)."""
-    from train.manifest import load_manifest
+    from oncolite.train.manifest import load_manifest
 
     run_dir = run.path
     models = find_models(run_dir)
@@ -216,16 +216,17 @@ def run_benchmark(run, manifest_path=None, side="test", threads=(1, 2), runs=50,
     bands = {name: stored_band(path) for name, path in models.items()}
     return build_report(run, models, manifest, manifest_path, side, sides, items, labels, y, prep, probs, rules, bands,
                         threads=threads, runs=runs, warmup=warmup, bootstrap=bootstrap, targets=targets,
-                        benchmark_model=benchmark_model, quiet=quiet, command=command)
+                        benchmark_model=benchmark_model, browser=browser, quiet=quiet, command=command)
 
 
 def build_report(run, models, manifest, manifest_path, side, sides, items, labels, y, prep, probs, rules, bands, *,
-                 threads, runs, warmup, bootstrap, targets=(), benchmark_model=None, quiet=False, command=None,
-                 edge_args=None):
+                 threads, runs, warmup, bootstrap, targets=(), benchmark_model=None, browser=True, quiet=False,
+                 command=None, edge_args=None):
     """Everything after the predictions, shared by a run directory and a bring-your-own set:
-    metrics, paired statistics, cost side, timing, devices; returns (report, probs, y)."""
-    from train.metrics import majority_baseline
-    from train.provenance import git_state
+    metrics, paired statistics, cost side, timing (the browser's too), devices; returns
+    (report, probs, y)."""
+    from oncolite.train.metrics import majority_baseline
+    from oncolite.train.provenance import git_state
 
     run_dir = run.path
     variants = accuracy_side(y, probs, rules, bands, labels, bootstrap, quiet)
@@ -238,9 +239,16 @@ def build_report(run, models, manifest, manifest_path, side, sides, items, label
     images = [it["path"] for it in items[:LATENCY_IMAGES]]
     if threads:
         failures += add_latency(variants, models, images, prep, threads, runs, warmup, quiet, edge_args=edge_args)
+    if not browser:
+        in_browser = {"skipped": "turned off (--no-browser)"}
+    elif not threads:
+        in_browser = {"skipped": "no timing in this run (--no-timing)"}
+    else:
+        in_browser, browser_failures = browser_timing(variants, models, images, runs, warmup, quiet)
+        failures += browser_failures
     devices = {}
     for target in targets:
-        from benchmarks.devices import run_target
+        from .devices import run_target
 
         try:
             devices[target] = run_target(target, models, images, probs, rules, items, runs=runs, warmup=warmup,
@@ -258,8 +266,9 @@ def build_report(run, models, manifest, manifest_path, side, sides, items, label
         "machine": machine_facts(),
         "git": git_state(),
         "settings": {"threads": list(threads), "runs": runs, "warmup": warmup, "bootstrap": bootstrap,
-                     "latency_images": len(images), "preprocessing": prep.to_dict()},
+                     "latency_images": len(images), "preprocessing": prep.to_dict(), "browser": browser},
         "variants": variants,
+        "browser": in_browser,
         "predictions": predictions,
         "flipped": {name: flipped_images([predictions], name) for name in probs if name != FLOAT},
         "devices": devices,
@@ -283,7 +292,7 @@ def predict_all(models: dict, items: list, labels: list, prep, run, quiet: bool)
     """N x C probabilities of every model on the same items, all with the variants' preprocessing,
     and each model's operating point (None: argmax): the run's threshold.json for the float
     model, the one stored with each variant for the rest."""
-    from train.evaluate import load_predictor, predict_items
+    from oncolite.train.evaluate import load_predictor, predict_items
 
     probs, rules = {}, {}
     for name, path in progress(models.items(), total=len(models), desc="predicting", quiet=quiet, unit="model"):
@@ -308,10 +317,10 @@ def metric_entry(full: dict) -> dict:
 
 def accuracy_side(y, probs: dict, rules: dict, bands: dict, labels: list, bootstrap: int, quiet: bool) -> dict:
     from edge_runtime.decision import decisions, margins, uncertain
-    from train.metrics import classification_report
+    from oncolite.train.metrics import classification_report
 
-    from benchmarks.pooled import CONFIDENT
-    from benchmarks.stats import compare_to_reference
+    from .pooled import CONFIDENT
+    from .stats import compare_to_reference
 
     preds = {name: decisions(p, rules[name], labels) for name, p in probs.items()}
     ref_margins = margins(probs[FLOAT], rules[FLOAT], labels)
@@ -357,7 +366,7 @@ def add_cost_side(variants: dict, models: dict) -> None:
         variants[name].update({"file": str(path), "sha256": file_sha256(path), "size_bytes": size,
                                "size_ratio_keras": size / keras_size,
                                "size_ratio_fp32": size / fp32_size if fp32_size else None,
-                               "latency_ms": {}})  # until timed (--threads none: never)
+                               "latency_ms": {}})  # until timed (--no-timing: never)
     variants[BASELINE].update({"size_bytes": None, "latency_ms": {}})
 
 
@@ -396,9 +405,8 @@ def add_latency(variants, models, images, prep, threads, runs, warmup, quiet, ed
 def run_json(cmd: list[str], what: str, timeout: float = 3600) -> dict:
     """Run a command that prints one JSON document; its stderr becomes the error message. It runs
     in the user's working directory: paths the user gave are relative to it."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise OncoliteError(f"{what}: no answer after {timeout:.0f} s; lower --runs") from None
     if done.returncode != 0:
@@ -422,6 +430,7 @@ def edge_timing(result: dict) -> dict:
     per_threads = {str(r["threads"]): r for r in result["threads"]}
     return {
         "interpreter": f"{result.get('backend')} ({result.get('resolver')} resolver)",
+        "kind": result.get("kind"),
         "load_ms": next(iter(per_threads.values()))["load_ms"] if per_threads else None,
         "preprocess_ms": result.get("preprocessing"),
         "latency_ms": {t: r["latency_ms"] for t, r in per_threads.items()},
@@ -437,7 +446,7 @@ def time_keras(model: Path, images: list, prep, threads: list, runs: int, warmup
     """benchmarks.latency once per thread count (TensorFlow fixes its pools at start-up)."""
     out = {"latency_ms": {}, "throughput_per_s": {}, "peak_rss_mb": {}, "keras_modes": {}, "keras_mode": {}, "batch": {}}
     for t in threads:
-        cmd = [sys.executable, "-m", "benchmarks.latency", str(model), *map(str, images),
+        cmd = [sys.executable, "-m", "oncolite.benchmarks.latency", str(model), *map(str, images),
                "--prep", json.dumps(prep.to_dict()), "--threads", str(t), "--runs", str(runs), "--warmup", str(warmup)]
         r = run_json(cmd, f"{model}: Keras timing at {t} threads")
         out["latency_ms"][str(t)] = r["inference_ms"]
@@ -453,6 +462,54 @@ def time_keras(model: Path, images: list, prep, threads: list, runs: int, warmup
     return out
 
 
+def browser_timing(variants: dict, models: dict, images: list, runs: int, warmup: int, quiet: bool) -> tuple[dict, list]:
+    """In-browser latency (issue 18) of every variant LiteRT.js can run, in headless Chromium
+    (WebAssembly, the page's one thread), beside the Python runtime's latency of the same file at
+    one thread from this same run: `ratio_to_python` is browser p50 / Python p50. Returns
+    ({"variants": {...}, "refused": {name: why}} or {"skipped": why, ...}, failures)."""
+    from edge_runtime import webapp
+    from edge_runtime.model import EdgeModel
+
+    runnable, refused = {}, {}
+    for name, path in models.items():
+        if name == FLOAT:
+            continue
+        try:
+            problem = webapp.browser_problem(path, EdgeModel.load(path), path.read_bytes())
+        except OncoliteError as e:  # e.g. a bare .tflite: the page needs labels and preprocessing in the model
+            problem = str(e)
+        if problem:
+            refused[name] = problem
+        else:
+            runnable[name] = path
+    if not runnable:
+        return {"skipped": "no variant LiteRT.js can run (uint8 or float32 input/output and a static batch of 1: "
+                           "the int8_uint8 export)", "refused": refused}, []
+    problem = webapp.browser_unavailable()
+    if problem:
+        return {"skipped": problem, "refused": refused}, []
+    measured, failures = {}, []
+    for name, path in progress(runnable.items(), total=len(runnable), desc="browser timing", quiet=quiet, unit="model"):
+        try:
+            figures = webapp.browser_latency(path, runs=runs, warmup=warmup, images=images)
+        except Exception as e:  # noqa: BLE001 - a browser that fails (a timeout, a crash) is noted; the report stands
+            failures.append({"variant": name, "where": "browser", "error": " ".join(str(e).split())[:300]})
+            continue
+        python = (variants[name].get("latency_ms") or {}).get(BROWSER_THREADS)
+        shown = [r for r in figures["images"] if "error" not in r]
+        measured[name] = {
+            "latency_ms": figures["latency_ms"], "threads": figures["threads"],
+            "python_latency_ms": python,
+            "ratio_to_python": figures["latency_ms"]["p50"] / python["p50"] if python and python["p50"] else None,
+            # The page's own figures for one classification (a file picked, as a user would).
+            "page": {"images": len(shown),
+                     "preprocess_ms": float(np.median([r["preprocess_ms"] for r in shown])) if shown else None,
+                     "inference_ms": float(np.median([r["latency_ms"] for r in shown])) if shown else None},
+            "browser": figures["browser"], "wasm": figures["wasm"], "litertjs": (figures["runtime"] or {}).get("version"),
+            "user_agent": figures["user_agent"]}
+    return {"variants": measured, "refused": refused}, failures
+
+
 def split_facts(manifest, manifest_path: Path, side: str, n: int, fold=None) -> dict:
     """Which images: the manifest's split settings, and the fold whose sides were used (None: its `split`)."""
     split, audit = manifest.meta.get("split") or {}, manifest.meta.get("audit") or {}
@@ -465,7 +522,7 @@ def split_facts(manifest, manifest_path: Path, side: str, n: int, fold=None) -> 
 def machine_facts() -> dict:
     """The edge bench's device facts (CPU model and flags, CPUs) plus OS, usable cores, interpreters."""
     from edge_runtime.bench import device_facts
-    from train.provenance import package_version
+    from oncolite.train.provenance import package_version
 
     return {**device_facts(), "usable_cores": available_cores(), "os": platform.platform(),
             "interpreters": {pkg: package_version(pkg) for pkg in ("ai-edge-litert", "tflite-runtime", "tensorflow", "tf-keras")}}
@@ -475,12 +532,12 @@ def machine_facts() -> dict:
 
 def main_byo(args) -> int:
     """`oncolite benchmark --float MODEL [A.tflite ...] --data DIR | --manifest M`."""
-    from benchmarks.report import write_report
-    from quantize import byo
-    from train.config import load_config
+    from .report import write_report
+    from oncolite.quantize import byo
+    from oncolite.train.config import load_config
 
-    settings = load_config()["benchmark"]
-    threads = parse_threads(args.threads) if args.threads is not None else usable_threads(settings["threads"])
+    settings = with_overrides(load_config(), args.set, "benchmark")["benchmark"]
+    threads = timed_threads(args, settings["threads"])
     if args.target:
         raise OncoliteError("--target: devices take a run directory's exported variants; benchmark them from "
                             "`oncolite export MODEL` (its --out folder) or leave --target out")
@@ -490,10 +547,10 @@ def main_byo(args) -> int:
         mean=byo.parse_channels(args.mean, "--mean"), std=byo.parse_channels(args.std, "--std"), resample=args.resample,
         threads=threads, runs=settings["runs"] if args.runs is None else args.runs,
         warmup=settings["warmup"] if args.warmup is None else args.warmup, bootstrap=args.bootstrap,
-        quiet=args.quiet or args.json, command=args.command_line)
+        browser=args.browser, quiet=args.quiet or args.json, command=args.command_line)
     out = Path(report["run"]) / "benchmark"
     md = write_report(out, report, probs, y)
-    print_json(report) if args.json else say(args, md, *timing_lines(report), f"report: {out / 'report.md'}")
+    print_json(report) if args.json else say(args, md, f"report: {out / 'report.md'}")
     return EXIT_SOME_FAILED if report["failures"] else EXIT_OK
 
 
@@ -512,7 +569,7 @@ def byo_models(float_keras: Path, tflite_paths) -> dict[str, Path]:
 
 def run_byo_benchmark(float_model, tflite_paths, data=None, manifest=None, side="test", out=None, labels=None,
                       size=None, mean=None, std=None, resample=None, threads=(1,), runs=50, warmup=5,
-                      bootstrap=1000, quiet=False, command=None):
+                      bootstrap=1000, browser=True, quiet=False, command=None):
     """A float model and .tflite files from anywhere on the same images; returns (report, probs, y).
 
     The float model is prepared as export prepares it (quantize.byo: flat, probabilities out) and
@@ -520,9 +577,9 @@ def run_byo_benchmark(float_model, tflite_paths, data=None, manifest=None, side=
     labels and preprocessing (metadata or sidecar); a bare one gets --labels and the float
     model's normalization at its own input size. Columns are put in the label order of the data."""
     from edge_runtime.model import EdgeModel
-    from quantize import byo
-    from quantize.rundir import ModelRun
-    from train.evaluate import Predictor, predict_items
+    from oncolite.quantize import byo
+    from oncolite.quantize.rundir import ModelRun
+    from oncolite.train.evaluate import Predictor, predict_items
 
     if not float_model:
         raise OncoliteError("give your float model with --float MODEL: every .tflite file is compared with it")
@@ -570,6 +627,6 @@ def run_byo_benchmark(float_model, tflite_paths, data=None, manifest=None, side=
     bands.setdefault(FLOAT, None)
     report, probs, y = build_report(run, models, source, where, side, sides, items, labels, y, float_prep, probs, rules,
                                     bands, threads=threads, runs=runs, warmup=warmup, bootstrap=bootstrap,
-                                    quiet=quiet, command=command, edge_args=edge_args)
+                                    browser=browser, quiet=quiet, command=command, edge_args=edge_args)
     report["source"] = {"float": facts, "tflite": {name: str(Path(p).resolve()) for name, p in models.items() if name != FLOAT}}
     return report, probs, y

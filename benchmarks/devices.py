@@ -1,10 +1,11 @@
 """Run the edge benchmark on another device and pull its results into the report.
 
 ssh://user@host[:port][?python=PATH&identity=KEY&strict=no]
-    Streams the edge runtime's source (edge_runtime/, pyproject.toml, README.md), the .tflite
-    variants with their sidecars and the held-out images to ~/.oncolite-bench/run on the device
-    (a tar stream over ssh: only ssh and tar are needed there), makes ~/.oncolite-bench/venv with
-    the base install (`python3 -m venv` + `pip install .`, needs the device's network) unless
+    Streams the edge runtime's source (edge_runtime/, and requirements.txt: the base install's
+    dependencies), the .tflite variants with their sidecars and the held-out images to
+    ~/.oncolite-bench/run on the device (a tar stream over ssh: only ssh and tar are needed there),
+    makes ~/.oncolite-bench/venv with those dependencies (`python3 -m venv` + `pip install -r`,
+    needs the device's network) unless
     `python=` names an interpreter that already has numpy, pillow and ai-edge-litert, then runs
     `python -m edge_runtime bench` (timing) and `predict --json` (agreement with this machine).
     Always BatchMode: a key, never a password prompt. `strict=no` skips host-key checking
@@ -30,19 +31,18 @@ import shlex
 import subprocess
 import tarfile
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
 from edge_runtime.errors import OncoliteError
+from edge_runtime.resources import EDGE_RUNTIME_DIR, WORKSPACE
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 REMOTE_HOME = ".oncolite-bench"  # under the remote user's home
-# With edge_runtime/: what `pip install .` of the base install needs.
-RUNTIME_FILES = ("pyproject.toml", "README.md")
 ADB_DIR = "/data/local/tmp/oncolite"
-DEFAULT_BENCHMARK_MODEL = REPO_ROOT / "tools" / "benchmark_model"
+DEFAULT_BENCHMARK_MODEL = WORKSPACE / "tools" / "benchmark_model"
 
 
 @dataclass(frozen=True)
@@ -88,15 +88,16 @@ def run_target(target: str, models: dict, images: list, probs: dict, rules: dict
 # --- ssh ------------------------------------------------------------------------------------------
 
 def bundle(models: dict, items: list) -> bytes:
-    """A gzipped tar of the runtime source, the .tflite variants (+ sidecars) and the images."""
+    """A gzipped tar of the runtime source, its requirements, the .tflite variants (+ sidecars) and the images."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for path in sorted((REPO_ROOT / "edge_runtime").rglob("*")):
+        for path in sorted(EDGE_RUNTIME_DIR.rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts:
-                tar.add(path, arcname=str(path.relative_to(REPO_ROOT)))
-        for name in RUNTIME_FILES:
-            if (REPO_ROOT / name).is_file():
-                tar.add(REPO_ROOT / name, arcname=name)
+                tar.add(path, arcname=str(Path("edge_runtime") / path.relative_to(EDGE_RUNTIME_DIR)))
+        requirements = base_requirements().encode()
+        info = tarfile.TarInfo("requirements.txt")
+        info.size = len(requirements)
+        tar.addfile(info, io.BytesIO(requirements))
         for path in models.values():
             if path.suffix == ".tflite":
                 tar.add(path, arcname=f"models/{path.name}")
@@ -105,6 +106,12 @@ def bundle(models: dict, items: list) -> bytes:
         for i, it in enumerate(items):
             tar.add(it["path"], arcname=remote_image(i, it["path"]))
     return buf.getvalue()
+
+
+def base_requirements() -> str:
+    """The base install's dependencies, one per line: pyproject.toml's list, read back from this
+    install's metadata (the device gets the edge runtime's source, not the whole project to build)."""
+    return "".join(f"{r}\n" for r in metadata.requires("oncolite") or [] if "extra ==" not in r)
 
 
 def remote_image(i: int, path) -> str:
@@ -132,7 +139,7 @@ def remote_python(target: SshTarget) -> str:
         return target.python
     venv = f"$HOME/{REMOTE_HOME}/venv"
     ssh_run(target, f"test -x {venv}/bin/python || (python3 -m venv {venv} && "
-                    f"{venv}/bin/pip install -q $HOME/{REMOTE_HOME}/run)", "installing the base install in a venv",
+                    f"{venv}/bin/pip install -q -r $HOME/{REMOTE_HOME}/run/requirements.txt)", "installing the base install in a venv",
             timeout=1800)
     return f"{venv}/bin/python"
 
@@ -147,9 +154,9 @@ def ssh_benchmark(target: SshTarget, models: dict, probs: dict, rules: dict, ite
     prefix = f"cd {run} && {shlex.quote(python) if not python.startswith('$') else python}"
     images = " ".join(remote_image(i, it["path"]) for i, it in enumerate(items))
     variants = {}
-    from train.metrics import agreement, decisions
+    from oncolite.train.metrics import agreement, decisions
 
-    from benchmarks.benchmark import LATENCY_IMAGES, edge_timing
+    from .benchmark import LATENCY_IMAGES, edge_timing
 
     for name, path in models.items():
         if path.suffix != ".tflite":

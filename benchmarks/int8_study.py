@@ -1,4 +1,4 @@
-"""`python -m benchmarks.int8_study RUN`: int8 recipes against the float model, pooled over CV folds.
+"""`python -m oncolite.benchmarks.int8_study RUN`: int8 recipes against the float model, pooled over CV folds.
 
 For every fold of RUN (RUN/folds/<i>, or RUN itself), each recipe converts that fold's float
 model to a full-integer int8 model (int8 I/O, the export's calibration images from the fold's
@@ -27,17 +27,21 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.pooled import CONFIDENT
+from .pooled import CONFIDENT
 from edge_runtime.atomic import atomic_path, write_json, write_text
 
-# name -> (weight rounding, bias correction, converted to TFLite or weights only). The weights-only
-# recipes run the Keras model with every conv kernel on its int8 grid and float activations: the
-# share of the error that weights alone cause, without a conversion.
-# name -> (weight rounding, bias correction, sequential, converted to TFLite or weights only).
-RECIPES = {"ptq": ("nearest", False, False, True), "ptq_bias": ("nearest", True, False, True),
-           "gptq": ("gptq", False, False, True), "gptq_bias": ("gptq", True, False, True),
-           "gptq_seq": ("gptq", True, True, True), "weights_nearest": ("nearest", False, False, False),
-           "weights_gptq_bias": ("gptq", True, False, False), "weights_gptq_seq": ("gptq", True, True, False)}
+# name -> (weight rounding, bias correction, sequential, backend). Backends: "converter" (the TF
+# converter's full-integer int8, as export makes int8_ptq), "keras" (the Keras model with every
+# conv kernel on its int8 grid and float activations: the share of the error that weights alone
+# cause), "litert_a8" / "litert_a16" (litert-quantizer's static recipes on the fp32 export of the
+# same kernels: int8 or int16 activations, int8 weights, integer I/O; a second quantizer's opinion
+# and the ceiling of what finer activations give).
+RECIPES = {"ptq": ("nearest", False, False, "converter"), "ptq_bias": ("nearest", True, False, "converter"),
+           "gptq": ("gptq", False, False, "converter"), "gptq_bias": ("gptq", True, False, "converter"),
+           "gptq_seq": ("gptq", True, True, "converter"), "weights_nearest": ("nearest", False, False, "keras"),
+           "weights_gptq_bias": ("gptq", True, False, "keras"), "weights_gptq_seq": ("gptq", True, True, "keras"),
+           "litert_a8_gptq_bias": ("gptq", True, False, "litert_a8"),
+           "litert_a16_gptq_bias": ("gptq", True, False, "litert_a16")}
 SIDES = ("val", "test")
 
 
@@ -47,11 +51,11 @@ def fold_dirs(run: Path) -> list[Path]:
 
 
 def study_fold(fold_dir: Path, recipes: list[str], out: Path, say) -> None:
-    from quantize.export import calibration_items, make_converter, representative_dataset, run_model_bytes
-    from quantize.rounding import reconstruct_weights
-    from quantize.rundir import open_run
-    from train.data import load_arrays
-    from train.model import load_float_model
+    from oncolite.quantize.export import calibration_items, make_converter, representative_dataset, run_model_bytes
+    from oncolite.quantize.rounding import reconstruct_weights
+    from oncolite.quantize.rundir import open_run
+    from oncolite.train.data import load_arrays
+    from oncolite.train.model import load_float_model
 
     run = open_run(fold_dir)
     sides = run.sides()
@@ -71,45 +75,82 @@ def study_fold(fold_dir: Path, recipes: list[str], out: Path, say) -> None:
         if path.exists():
             continue
         t0 = time.monotonic()
-        method, bias, sequential, convert = RECIPES[recipe]
+        method, bias, sequential, backend = RECIPES[recipe]
         source, layers = reconstruct_weights(model, [calib[i:i + 16] for i in range(0, len(calib), 16)],
                                              method=method, bias_correction=bias, sequential=sequential)
-        if convert:
-            model_bytes = make_converter(source, "int8_ptq", representative_dataset(chosen, run.prep), io="int8").convert()
+        if recipe == "gptq_bias":  # the activation ablation starts from these kernels
+            source.save_weights(out / "gptq_bias.weights.h5")
+        if backend == "keras":
+            probs = {side: source.predict(data[side][0], verbose=0).astype(np.float64) for side in SIDES}
+        else:
+            if backend == "converter":
+                model_bytes = make_converter(source, "int8_ptq", representative_dataset(chosen, run.prep), io="int8").convert()
+            else:
+                model_bytes = litert_quantize(make_converter(source, "fp32", batch=1).convert(), calib,
+                                              activation_bits=16 if backend == "litert_a16" else 8)
             with atomic_path(out / f"{recipe}.tflite") as tmp:
                 tmp.write_bytes(model_bytes)
             probs = {side: run_model_bytes(model_bytes, data[side][0]) for side in SIDES}
-        else:
-            probs = {side: source.predict(data[side][0], verbose=0).astype(np.float64) for side in SIDES}
         with atomic_path(path) as tmp:
             np.savez(tmp, **{f"{side}_probs": probs[side] for side in SIDES}, layers=json.dumps(layers))
         say(f"{fold_dir.name} {recipe}: {time.monotonic() - t0:.0f} s")
 
 
-def split_probs(probs: np.ndarray, cut: int) -> dict:
+def litert_quantize(fp32_model: bytes, calib: np.ndarray, activation_bits: int) -> bytes:
+    """litert-quantizer's static recipe (int8 weights per channel, int8 or int16 activations,
+    min/max calibration on the same images) applied to an fp32 .tflite."""
+    from ai_edge_litert.interpreter import Interpreter
+    from litert_quantizer import quantizer, recipe
+
+    signature = Interpreter(model_content=fp32_model).get_signature_list()
+    key = next(iter(signature))
+    name = signature[key]["inputs"][0]
+    q = quantizer.Quantizer(fp32_model, recipe.static_wi8_ai16() if activation_bits == 16 else recipe.static_wi8_ai8())
+    ranges = q.calibrate({key: [{name: calib[i:i + 1].astype(np.float32)} for i in range(len(calib))]}, num_threads=2)
+    return bytes(q.quantize(ranges, enable_progress_report=False).quantized_model)
+
+
+# Ablations run each configuration on the images whose float top-1/top-2 margin is below this:
+# ~100 configurations per fold cost minutes each on all images here. A configuration can only flip
+# an image whose margin it moves by more than the margin; the whole int8 model moved no
+# validation margin by more than 0.35 (pool() checks that every flip of the whole-model recipe
+# falls inside the subset and says so in the report).
+AT_RISK_MARGIN = 0.5
+
+
+def at_risk_images(run, out: Path) -> tuple[np.ndarray, dict]:
+    """The fold's validation and test images whose float margin is below AT_RISK_MARGIN, as one
+    array, and their indices per side."""
+    from edge_runtime.decision import margins
+    from oncolite.train.data import load_arrays
+
+    ref, sides = np.load(out / "float.npz"), run.sides()
+    picks = {side: np.flatnonzero(margins(ref[f"{side}_probs"]) < AT_RISK_MARGIN).tolist() for side in SIDES}
+    items = [sides[side][i] for side in SIDES for i in picks[side]]
+    return load_arrays(items, run.labels, run.prep, quiet=True)[0], picks
+
+
+def split_probs(probs: np.ndarray, picks: dict) -> dict:
     """Probabilities (4 decimals: enough for decisions and mean |Δp|, small on disk) per side."""
-    probs = np.round(probs.astype(np.float64), 4)
+    probs, cut = np.round(probs.astype(np.float64), 4), len(picks[SIDES[0]])
     return {SIDES[0]: probs[:cut].tolist(), SIDES[1]: probs[cut:].tolist()}
 
 
 def weight_ablation(fold_dir: Path, out: Path, say) -> None:
-    """Per conv layer, the probabilities on the fold's validation and test images when only that
+    """Per conv layer, the probabilities on the fold's at-risk validation and test images when only that
     layer's kernel is rounded to its int8 grid (the converter's nearest rounding, BatchNorm
     folded) and when every kernel but that one is; activations stay float. Saved as
     out/ablation.json (resumes per fold)."""
-    from quantize.rounding import weight_layers, folded_kernel, grid_step, round_nearest, write_kernel
-    from quantize.rundir import open_run
-    from train.data import load_arrays
-    from train.model import load_float_model
+    from oncolite.quantize.rounding import weight_layers, folded_kernel, grid_step, round_nearest, write_kernel
+    from oncolite.quantize.rundir import open_run
+    from oncolite.train.model import load_float_model
 
     path = out / "ablation.json"
     if path.exists():
         return
     t0 = time.monotonic()
     run = open_run(fold_dir)
-    sides = run.sides()
-    x = np.concatenate([load_arrays(sides[side], run.labels, run.prep, quiet=True)[0] for side in SIDES])
-    cut = len(sides[SIDES[0]])
+    x, picks = at_risk_images(run, out)
     model = load_float_model(run.models / "float.keras")
     pairs = weight_layers(model)
     original, rounded = {}, {}
@@ -122,9 +163,9 @@ def weight_ablation(fold_dir: Path, out: Path, say) -> None:
         layer.set_weights(original[layer.name])
 
     def decide() -> dict:
-        return split_probs(model.predict(x, batch_size=32, verbose=0), cut)
+        return split_probs(model.predict(x, batch_size=32, verbose=0), picks)
 
-    result = {"layers": [layer.name for layer, _ in pairs], "only": {}, "all_but": {}}
+    result = {"at_risk": picks, "layers": [layer.name for layer, _ in pairs], "only": {}, "all_but": {}}
     for layer, _ in pairs:
         layer.set_weights(rounded[layer.name])
         result["only"][layer.name] = decide()
@@ -195,41 +236,42 @@ def simulate_activations(model, points: dict):
 
 
 def activation_ablation(fold_dir: Path, out: Path, say) -> None:
-    """Per activation the converter rounds, the decisions on the fold's validation and test
-    images (probabilities) of the reconstructed-weights model (recipe gptq_bias's Keras weights)
+    """Per activation the converter rounds, the probabilities on the fold's at-risk validation
+    and test images of the reconstructed-weights model (recipe gptq_bias's Keras weights)
     when only that activation is rounded to the converted model's int8 grid, and when all but
     that one are.
     The grids are read from the fold's gptq_bias.tflite; "all" is checked against that file's
     own decisions. Saved as out/activation_ablation.json (resumes per fold)."""
-    from quantize.export import calibration_items
-    from quantize.rounding import reconstruct_weights
-    from quantize.rundir import open_run
-    from train.data import load_arrays
-    from train.model import load_float_model
+    from oncolite.quantize.export import calibration_items
+    from oncolite.quantize.rounding import reconstruct_weights
+    from oncolite.quantize.rundir import open_run
+    from oncolite.train.data import load_arrays
+    from oncolite.train.model import load_float_model
 
     path, tflite = out / "activation_ablation.json", out / "gptq_bias.tflite"
     if path.exists():
         return
     t0 = time.monotonic()
     run = open_run(fold_dir)
-    sides = run.sides()
-    x = np.concatenate([load_arrays(sides[side], run.labels, run.prep, quiet=True)[0] for side in SIDES])
-    cut = len(sides[SIDES[0]])
-    chosen = calibration_items(sides["train"], int(run.config["export"]["calibration_images"]), int(run.config["seed"]))
-    calib, _ = load_arrays(chosen, run.labels, run.prep, quiet=True)
-    weights, _ = reconstruct_weights(load_float_model(run.models / "float.keras"),
-                                     [calib[i:i + 16] for i in range(0, len(calib), 16)], method="gptq", bias_correction=True)
+    x, picks = at_risk_images(run, out)
+    weights = load_float_model(run.models / "float.keras")
+    if (out / "gptq_bias.weights.h5").exists():
+        weights.load_weights(out / "gptq_bias.weights.h5")
+    else:  # a study made before the weights were kept: the same deterministic reconstruction
+        chosen = calibration_items(run.sides()["train"], int(run.config["export"]["calibration_images"]), int(run.config["seed"]))
+        calib, _ = load_arrays(chosen, run.labels, run.prep, quiet=True)
+        weights, _ = reconstruct_weights(weights, [calib[i:i + 16] for i in range(0, len(calib), 16)])
     points = activation_points(tflite)
     model, switches = simulate_activations(weights, points)
 
     def decide() -> dict:
-        return split_probs(model.predict(x, batch_size=32, verbose=0), cut)
+        return split_probs(model.predict(x, batch_size=32, verbose=0), picks)
 
     def set_all(value: float) -> None:
         for switch in switches.values():
             switch.assign(value)
 
-    result = {"points": {name: {"scale": s, "zero_point": z} for name, (s, z) in points.items()},
+    result = {"at_risk": picks, "points": {name: {"scale": s, "zero_point": z} for name, (s, z) in points.items()},
               "none": decide(), "only": {}, "all_but": {}}
     for name, switch in switches.items():
         switch.assign(1.0)
@@ -245,19 +287,25 @@ def activation_ablation(fold_dir: Path, out: Path, say) -> None:
     say(f"{fold_dir.name} activation ablation: {time.monotonic() - t0:.0f} s")
 
 
-# name -> (file in each fold's study folder, what is rounded, what stays float)
+# name -> (file in each fold's study folder, what is rounded, what stays float, the whole-model
+# recipe whose flips must all fall among the at-risk images)
 ABLATIONS = {"weights": ("ablation.json", "conv kernel rounded to its int8 grid (nearest, BatchNorm folded, as the converter "
-                         "does)", "float activations, float kernels elsewhere"),
+                         "does)", "float activations, float kernels elsewhere", "weights_nearest"),
              "activations": ("activation_ablation.json", "op output rounded to the converted gptq_bias model's int8 grid",
-                             "reconstructed (gptq_bias) int8 kernels everywhere")}
+                             "reconstructed (gptq_bias) int8 kernels everywhere", "gptq_bias")}
 
 
 def pool_ablation(run: Path, kind: str) -> dict:
     """Per ablated layer (or activation) and side, pooled over folds: flips against the float
-    model and mean |Δp| with only that one rounded, and with all but that one."""
-    name = ABLATIONS[kind][0]
-    rows, total = {}, {side: {"none": 0, "all": 0, "n": 0, "none_dp": 0.0, "all_dp": 0.0} for side in SIDES}
-    folds = 0
+    model and mean |Δp| on the at-risk images with only that one rounded, and with all but that
+    one; and how many flips of the whole-model recipe fall outside the at-risk images (0 when
+    the subset is wide enough)."""
+    from edge_runtime.decision import margins
+
+    name, _, _, check_recipe = ABLATIONS[kind]
+    rows = {}
+    total = {side: {"none": 0, "all": 0, "n": 0, "at_risk": 0, "none_dp": 0.0, "all_dp": 0.0, "missed": 0} for side in SIDES}
+    folds, cells = 0, {side: 0 for side in SIDES}
     for d in fold_dirs(run):
         f = run / "int8_study" / d.name
         if not (f / name).exists():
@@ -265,14 +313,26 @@ def pool_ablation(run: Path, kind: str) -> dict:
         folds += 1
         ab, ref = json.loads((f / name).read_text()), np.load(f / "float.npz")
         for side in SIDES:
-            p_ref = ref[f"{side}_probs"].astype(np.float64)
+            p_all = ref[f"{side}_probs"].astype(np.float64)
+            at_risk = margins(p_all) < AT_RISK_MARGIN
+            picks = np.array(ab["at_risk"][side] if "at_risk" in ab else np.flatnonzero(at_risk), dtype=int)
+            p_ref = p_all[picks]
+
+            def on_picks(probs) -> np.ndarray:  # a study made on every image: keep the at-risk ones
+                probs = np.asarray(probs, np.float64)
+                return probs[picks] if len(probs) == len(p_all) and len(picks) != len(p_all) else probs
 
             def flips_and_dp(probs) -> tuple[int, float]:
-                probs = np.asarray(probs)
+                probs = on_picks(probs)
                 return int((probs.argmax(1) != p_ref.argmax(1)).sum()), float(np.abs(probs - p_ref).sum())
 
             t = total[side]
-            t["n"] += len(p_ref)
+            t["n"] += len(p_all)
+            t["at_risk"] += len(picks)
+            cells[side] += p_ref.size
+            if (f / f"{check_recipe}.npz").exists():
+                whole = np.load(f / f"{check_recipe}.npz")[f"{side}_probs"]
+                t["missed"] += int(((whole.argmax(1) != p_all.argmax(1)) & ~at_risk).sum())
             for key in ("none", "all"):
                 if key in ab:
                     flips, dp = flips_and_dp(ab[key][side])
@@ -284,44 +344,41 @@ def pool_ablation(run: Path, kind: str) -> dict:
                     flips, dp = flips_and_dp(ab[key][layer][side])
                     row[side][key] += flips
                     row[side][f"{key}_dp"] += dp
-    # Sums of |Δp| over images and classes -> mean per probability.
-    classes = None
-    for d in fold_dirs(run):
-        if (run / "int8_study" / d.name / "float.npz").exists():
-            classes = np.load(run / "int8_study" / d.name / "float.npz")["val_probs"].shape[1]
-            break
-    for side in SIDES:
-        cells = max(total[side]["n"] * (classes or 1), 1)
+    for side in SIDES:  # sums of |Δp| over images and classes -> mean per probability
+        n = max(cells[side], 1)
         for key in ("none_dp", "all_dp"):
-            total[side][key] /= cells
+            total[side][key] /= n
         for row in rows.values():
             for key in ("only_dp", "all_but_dp"):
-                row[side][key] /= cells
-    return {"kind": kind, "folds": folds, "layers": rows, "total": total}
+                row[side][key] /= n
+    return {"kind": kind, "folds": folds, "at_risk_margin": AT_RISK_MARGIN, "check_recipe": check_recipe,
+            "layers": rows, "total": total}
 
 
 def ablation_markdown(ablation: dict) -> list[str]:
-    total, (_, rounded, rest) = ablation["total"], ABLATIONS[ablation["kind"]]
+    total, (_, rounded, rest, check) = ablation["total"], ABLATIONS[ablation["kind"]]
     base = "float weights and activations" if ablation["kind"] == "weights" else rest
+    v, t = total["val"], total["test"]
     lines = [f"## Per-layer ablation: {ablation['kind']} ({ablation['folds']} folds)", "",
-             f"Flips against the float Keras model and mean |Δp| (per probability), pooled over folds, on the "
-             f"validation / test images ({total['val']['n']} / {total['test']['n']}): with only one {rounded} "
-             f"({rest}), and with every one but that one rounded. Nothing rounded ({base}): "
-             f"{total['val']['none']} / {total['test']['none']} flips, mean |Δp| {total['test']['none_dp']:.4f} on test; "
-             f"everything rounded: {total['val']['all']} / {total['test']['all']} flips, mean |Δp| "
-             f"{total['test']['all_dp']:.4f} on test.", "",
+             f"Flips against the float Keras model and mean |Δp| (per probability), pooled over folds, with only one "
+             f"{rounded} ({rest}), and with every one but that one rounded. Counted on the at-risk images: float "
+             f"top-1/top-2 margin below {ablation['at_risk_margin']} ({v['at_risk']} of {v['n']} validation, {t['at_risk']} "
+             f"of {t['n']} test images); flips of the whole-model `{check}` recipe outside them: {v['missed']} / "
+             f"{t['missed']} (val / test). Nothing rounded ({base}): {v['none']} / {t['none']} flips, mean |Δp| "
+             f"{t['none_dp']:.4f} on the at-risk test images; everything "
+             f"rounded: {v['all']} / {t['all']} flips, mean |Δp| {t['all_dp']:.4f} on the at-risk test images.", "",
              "| layer | only this: flips val / test | mean abs Δp test | all but this: flips val / test | mean abs Δp test |",
              "| --- | --- | --- | --- | --- |"]
     for layer, row in ablation["layers"].items():
-        v, t = row["val"], row["test"]
-        lines.append(f"| {layer} | {v['only']} / {t['only']} | {t['only_dp']:.4f} | {v['all_but']} / {t['all_but']} | "
-                     f"{t['all_but_dp']:.4f} |")
+        rv, rt = row["val"], row["test"]
+        lines.append(f"| {layer} | {rv['only']} / {rt['only']} | {rt['only_dp']:.4f} | {rv['all_but']} / {rt['all_but']} | "
+                     f"{rt['all_but_dp']:.4f} |")
     return lines + [""]
 
 
 def pool(run: Path, recipes: list[str], labels: list[str]) -> dict:
     """Per recipe and side: pooled over all folds (benchmarks.pooled's comparison), and each fold's agreement."""
-    from benchmarks.pooled import compare_pooled
+    from .pooled import compare_pooled
     from edge_runtime.decision import margins
 
     folds = [run / "int8_study" / d.name for d in fold_dirs(run)]
@@ -377,7 +434,7 @@ def markdown(results: dict, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.int8_study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m oncolite.benchmarks.int8_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run directory (a CV run with folds/<i>/, or one fold)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {','.join(RECIPES)}")
     parser.add_argument("--folds", help="comma-separated fold numbers (default: all)")
@@ -402,12 +459,12 @@ def main(argv=None) -> int:
         if args.ablation:
             weight_ablation(d, run / "int8_study" / d.name, say)
             activation_ablation(d, run / "int8_study" / d.name, say)
-    from quantize.rundir import open_run
+    from oncolite.quantize.rundir import open_run
 
     labels = open_run(dirs[0]).labels
     results = pool(run, recipes, labels)
     out = Path(args.out or run / "int8_study")
-    command = "python -m benchmarks.int8_study " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m oncolite.benchmarks.int8_study " + " ".join(argv if argv is not None else sys.argv[1:])
     ablations = [pool_ablation(run, kind) for kind in ABLATIONS] if args.ablation else []
     write_json(out / "report.json", {"command": command, "recipes": results, "ablations": ablations})
     md = markdown(results, command) + "".join("\n".join(ablation_markdown(a)) for a in ablations)

@@ -1,6 +1,6 @@
 """Time the desktop float Keras model the way a desktop user runs it at its fastest, in a process of its own.
 
-`python -m benchmarks.latency MODEL IMAGE... --threads N --runs R --warmup W`
+`python -m oncolite.benchmarks.latency MODEL IMAGE... --threads N --runs R --warmup W`
 loads the model, preprocesses each image (timed on its own), then times one image at a time
 (batch 1) in three ways, W warm-up calls and R timed calls each: the plain Keras call
 `model(x, training=False)` ("eager": Keras' per-call overhead included), a compiled
@@ -99,7 +99,7 @@ def time_keras(model_path: str, images: list[str], prep: Preprocessing, threads:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m oncolite.benchmarks.latency", description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("images", nargs="+")
     parser.add_argument("--prep", required=True, help="preprocessing as JSON (Preprocessing.to_dict())")
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help=f"ways of calling the model, from {','.join(MODES)}")
     parser.add_argument("--batch", type=int, default=BATCH, help="batch of the throughput run (0: none)")
     args = parser.parse_args(argv)
-    import train  # noqa: F401  (TensorFlow's environment: legacy Keras, log level; imports no TensorFlow)
+    import oncolite.train  # noqa: F401  (TensorFlow's environment: legacy Keras, log level; imports no TensorFlow)
     prep = Preprocessing.from_dict(json.loads(args.prep))
     modes = [m for m in args.modes.split(",") if m in MODES] or list(MODES)
     result = time_keras(str(Path(args.model)), args.images, prep, args.threads, args.runs, args.warmup,

@@ -3,7 +3,7 @@
 Random hashes plus planted near pairs (1..threshold bits flipped); the search must find every
 planted pair (recall 1.0, by the pigeonhole argument in train/duplicates.py).
 
-    python -m benchmarks.near_duplicates [--n 200000] [--threshold 6] [--out reports/near_duplicates.json]
+    python -m oncolite.benchmarks.near_duplicates [--n 200000] [--threshold 6] [--out reports/near_duplicates.json]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from edge_runtime.atomic import write_json
-from train.duplicates import near_duplicate_pairs
+from oncolite.train.duplicates import near_duplicate_pairs
 
 
 def synthetic_hashes(n: int, planted: int, threshold: int, bits: int = 64, seed: int = 0):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.decision import decisions, margins, uncertain
-from train import metrics
+from oncolite.train import metrics
 
 FLOAT = "keras_float"
 CONFIDENT = 0.2  # a flip of an image whose float decision margin is at least this is a "confident flip"
@@ -39,7 +39,7 @@ def load_folds(benchmark_dirs: list[Path]) -> list[dict]:
 def compare_pooled(y, ref, probs, labels, ref_rule=None, rule=None, flagged=None, bootstrap: int = 1000) -> dict:
     """A model against the reference on the same images: its metrics with CIs, and what differs
     (`flagged`: which images fall in the model's uncertain band, if it has one)."""
-    from benchmarks.stats import agreement, flips as count_flips
+    from .stats import agreement, flips as count_flips
 
     ref_pred, pred = decisions(ref, ref_rule, labels), decisions(probs, rule, labels)
     full = metrics.classification_report(y, probs, labels, bootstrap=bootstrap,

@@ -8,12 +8,19 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.atomic import write_json, write_text
-from train.plots import draw_confusion, pyplot, save_png
+from oncolite.train.plots import draw_confusion, pyplot, save_png
 
 # Report names of the reference model and of the majority-class baseline row.
 FLOAT = "keras_float"
 BASELINE = "majority_baseline"
 SPLIT_KINDS = ("group", "random", "published", "given")  # train.manifest's split kinds
+# Issue 17: an integer model's image to answer (decode, resize, pixels to input, invoke,
+# read-out) is at most this many times its invoke alone.
+IMAGE_TO_ANSWER_BOUND = 1.5
+# benchmarks.latency's ways of calling the float model, as the report names them.
+KERAS_MODES = {"eager": "plain Keras call model(x)", "tf_function": "tf.function", "xla": "tf.function + XLA"}
+STAGE_NAMES = {"decode_resize": "decode + resize", "quantize": "pixels → input", "invoke": "invoke",
+               "read_out": "read-out"}  # edge_runtime.bench.STAGES
 # Published MobileNetV2 (1.0, 224 px) latencies, batch 1; the sources as /work/shared/NOTES.md gives them.
 # `match` holds lowercase fragments of a device's CPU / model description.
 PUBLISHED = [
@@ -110,7 +117,7 @@ def per_class_table(report: dict) -> list[str]:
 def cost_table(report: dict) -> list[str]:
     threads = [str(t) for t in report["settings"]["threads"]]
     columns = ["model", "size (KB)", "×fp32", "×Keras", "load (ms)", "peak RSS (MB)",
-               *(f"p50 / p90 / p99 ms @{t}" for t in threads), *(f"× faster than Keras @{t}" for t in threads)]
+               *(f"p50 / p90 / p99 ms @{t}" for t in threads), *(f"× faster than float @{t}" for t in threads)]
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for name, v in report["variants"].items():
         if v.get("size_bytes") is None:
@@ -123,6 +130,128 @@ def cost_table(report: dict) -> list[str]:
         lines.append(" | ".join([f"| {name}", f"{v['size_bytes'] / 1024:.0f}", fmt(v.get("size_ratio_fp32"), 2),
                                  fmt(v.get("size_ratio_keras"), 2), fmt(v.get("load_ms"), 1),
                                  fmt(v.get("peak_rss_mb"), 0), *cells]) + " |")
+    return lines
+
+
+def timed_threads(report: dict) -> list[str]:
+    return [str(t) for t in report["settings"]["threads"]]
+
+
+def float_modes_section(report: dict) -> list[str]:
+    """The float model at batch 1 in each way of calling it; the fastest is the reference of
+    every "× faster than float", the plain Keras call shown beside it."""
+    v = report["variants"][FLOAT]
+    modes, fastest = v.get("keras_modes") or {}, v.get("keras_mode") or {}
+    if not modes:
+        return []
+    lines = ["", "### The float model's ways of calling it (batch 1)", "",
+             "Every “× faster than float” in this report is against the fastest way at that thread count, "
+             "not against the plain Keras call (whose per-call overhead would flatter every TFLite model).", "",
+             "| threads | " + " | ".join(f"{label} p50 ms" for label in KERAS_MODES.values()) + " | fastest |",
+             "| --- |" + " --- |" * (len(KERAS_MODES) + 1)]
+    for t in timed_threads(report):
+        if t not in modes:
+            continue
+        cells = []
+        for mode in KERAS_MODES:
+            r = modes[t].get(mode)
+            cells.append("—" if r is None else f"failed: {r['error'][:80]}" if "error" in r
+                         else fmt(r["inference_ms"]["p50"], 2))
+        lines.append(f"| {t} | " + " | ".join(cells) + f" | {KERAS_MODES.get(fastest.get(t), fastest.get(t))} |")
+    lines += ["", "| model | " + " | ".join(f"× faster than fastest float @{t} | × faster than plain Keras call @{t}"
+                                            for t in timed_threads(report)) + " |",
+              "| --- |" + " --- | --- |" * len(timed_threads(report))]
+    for name, entry in report["variants"].items():
+        if name in (FLOAT, BASELINE) or not entry.get("latency_ms"):
+            continue
+        fast, eager = entry.get("speedup_vs_keras") or {}, entry.get("speedup_vs_keras_eager") or {}
+        lines.append(f"| {name} | " + " | ".join(f"{_times(fast.get(t))} | {_times(eager.get(t))}"
+                                                 for t in timed_threads(report)) + " |")
+    return lines
+
+
+def _times(value) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def batch_section(report: dict) -> list[str]:
+    """Throughput at the bench's batch (32) beside batch 1: desktops batch."""
+    rows = []
+    for name, v in report["variants"].items():
+        for t in timed_threads(report):
+            b = (v.get("batch") or {}).get(t)
+            if not b:
+                continue
+            single = (v.get("throughput_per_s") or {}).get(t)
+            if b.get("supported"):
+                ratio = b["images_per_s"] / single if single else None
+                rows.append(f"| {name} | {t} | {fmt(single, 1)} | {fmt(b['images_per_s'], 1)} | "
+                            f"{_times(ratio)} | {b.get('mode', '')} |")
+            else:
+                rows.append(f"| {name} | {t} | {fmt(single, 1)} | not supported: {b.get('reason')} | — | |")
+    if not rows:
+        return []
+    size = next(b["batch"] for v in report["variants"].values() for b in (v.get("batch") or {}).values() if b)
+    return ["", f"### Batch-{size} throughput", "",
+            f"| model | threads | images/s at batch 1 | images/s at batch {size} | × batch 1 | float way |",
+            "| --- | --- | --- | --- | --- | --- |", *rows]
+
+
+def stages_section(report: dict) -> list[str]:
+    """Image to answer as the device runs it, stage by stage (edge_runtime.bench.time_stages), and
+    for integer models the issue's bound on its ratio to the invoke alone."""
+    rows = []
+    for name, v in report["variants"].items():
+        for t in timed_threads(report):
+            st = (v.get("stages_ms") or {}).get(t)
+            if not st:
+                continue
+            ratio = st.get("image_to_answer_over_invoke")
+            if v.get("kind") != "integer":
+                verdict = "— (not an integer model)"
+            elif ratio is None:
+                verdict = "—"
+            else:
+                verdict = "met" if ratio <= IMAGE_TO_ANSWER_BOUND else "**not met**"
+            stages = " | ".join(fmt((st.get(k) or {}).get("p50"), 3) for k in STAGE_NAMES)
+            rows.append(f"| {name} | {t} | {st.get('input_path') or '—'} | {stages} | "
+                        f"{fmt(st['image_to_answer']['p50'], 3)} | {_times(ratio)} | {verdict} |")
+    if not rows:
+        return []
+    return ["", f"### Image to answer, stage by stage (p50 ms; bound: an integer model at most "
+                f"{IMAGE_TO_ANSWER_BOUND}× its invoke alone)", "",
+            "The path `predict` and the field server run (EdgeModel.input_tensor): decoded and resized uint8 pixels go "
+            "straight to the input tensor (input path `xor128`: p − 128 as int8; `pixels`: the pixels themselves; "
+            "`table`: one lookup per pixel), no float round trip.", "",
+            "| model | threads | input path | " + " | ".join(STAGE_NAMES.values()) +
+            " | image to answer | ÷ invoke | ≤ bound |", "| --- |" + " --- |" * (len(STAGE_NAMES) + 5), *rows]
+
+
+def browser_section(report: dict) -> list[str]:
+    """In-browser latency (LiteRT.js, WebAssembly) beside the Python runtime's, from this run."""
+    b = report.get("browser")
+    if not b:
+        return []
+    lines = ["", "### In the browser (LiteRT.js in headless Chromium, WebAssembly, one thread)", ""]
+    measured = b.get("variants") or {}
+    if "skipped" in b:
+        lines.append(f"Not measured: {b['skipped']}.")
+    elif measured:
+        first = next(iter(measured.values()))
+        lines += [f"{first['browser']}, LiteRT.js {first['litertjs']} ({first['wasm']}): this machine's browser, not a "
+                  "phone's; the same runs and warm-up as the Python figures, in this run.", "",
+                  "| model | browser p50 / p90 ms | Python runtime p50 ms @1 thread | browser ÷ Python | "
+                  "page, one classification: preprocess / inference ms (median) |", "| --- | --- | --- | --- | --- |"]
+    else:
+        lines.append("Not measured: the browser failed (see Failures).")
+    for name, v in measured.items():
+        lat, python, page = v["latency_ms"], v.get("python_latency_ms"), v["page"]
+        lines.append(f"| {name} | {fmt(lat['p50'], 2)} / {fmt(lat['p90'], 2)} | "
+                     f"{fmt(python['p50'], 2) if python else 'not timed at 1 thread'} | {_times(v.get('ratio_to_python'))} | "
+                     f"{fmt(page['preprocess_ms'], 1)} / {fmt(page['inference_ms'], 1)} over {page['images']} images |")
+    if b.get("refused"):
+        lines += ["", "Not runnable by LiteRT.js (int8 input/output or a dynamic batch; reasons in report.json): "
+                  + ", ".join(b["refused"]) + "."]
     return lines
 
 
@@ -185,6 +314,7 @@ def markdown(report: dict) -> str:
         lines += [f"Made by: `{report['command']}`", ""]
     lines += [f"- machine: {m.get('cpu_model')} ({', '.join(m.get('cpu_flags', [])) or 'no flags recorded'}), "
               f"{m.get('usable_cores')} usable cores, {m.get('os')}, Python {m.get('python')}",
+              f"- int8 features: {m.get('int8_features', 'unknown (no /proc/cpuinfo)')}",
               f"- interpreters: {json.dumps(m.get('interpreters'))}",
               f"- git commit: {report.get('git', {}).get('commit')}{' (uncommitted changes)' if report.get('git', {}).get('dirty') else ''}",
               f"- split: {split.get('kind')}, seed {split.get('seed')}, side {split.get('side')}, "
@@ -193,11 +323,15 @@ def markdown(report: dict) -> str:
               + (f"; sides of CV fold {split['fold']}" if split.get("fold") is not None else ""),
               f"- decisions: {decision_text(report)}",
               f"- timing: {s['warmup']} warm-up + {s['runs']} timed single-image runs over {s['latency_images']} images, "
-              "each model in its own process; preprocessing timed apart from inference",
+              "each model in its own process; preprocessing timed apart from inference; .tflite files by "
+              "`python -m edge_runtime bench` (what a device runs), the float model by `python -m oncolite.benchmarks.latency` "
+              "(the same statistics)",
               "", "## Accuracy (95 % bootstrap CIs; agreement: Wilson CI; McNemar: exact, vs the float model)", "",
               *accuracy_table(report), "", "### Fidelity to the float model", "", *fidelity_table(report),
               "", "### Per-class change against the float model", "", *per_class_table(report),
-              "", "## Cost", "", *cost_table(report), "", "## Confusion matrices", "", *confusion_tables(report)]
+              "", "## Cost", "", *cost_table(report), *float_modes_section(report), *batch_section(report),
+              *stages_section(report), *browser_section(report),
+              "", "## Confusion matrices", "", *confusion_tables(report)]
     flipped = flipped_table(report)
     if flipped:
         lines += ["", "## Flipped images (int8 against float)", *flipped,
@@ -257,7 +391,7 @@ def plot_flips(report: dict, probs: dict, path: Path) -> None:
     as a tick, flipped ones as dots. Flips at small margins are ties; at large ones, real error."""
     from edge_runtime.decision import decisions, margins
 
-    from benchmarks.pooled import CONFIDENT as CONFIDENT_MARGIN
+    from .pooled import CONFIDENT as CONFIDENT_MARGIN
 
     labels, variants = report["labels"], report["variants"]
     rule = variants[FLOAT].get("operating_point")
@@ -362,7 +496,7 @@ def write_report(out_dir: Path, report: dict, probs: dict, y) -> str:
     problems = validate_report(report)
     if problems:
         raise ValueError("benchmark report is malformed: " + "; ".join(problems))
-    from benchmarks.pooled import PREDICTIONS
+    from .pooled import PREDICTIONS
 
     out_dir = Path(out_dir)
     # Per-image probabilities of every model: what benchmarks.pooled pools over CV folds.

@@ -10,7 +10,7 @@ import numpy as np
 from scipy.stats import binomtest
 from sklearn.metrics import precision_recall_fscore_support
 
-from train import metrics
+from oncolite.train import metrics
 
 
 def mcnemar_exact(y_true, pred_ref, pred_other) -> dict:

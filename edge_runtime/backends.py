@@ -14,6 +14,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from edge_runtime.console import native_log_level, native_stderr_filtered
 from edge_runtime.errors import ModelError, OncoliteError
 from edge_runtime.flatbuf import model_kind
 
@@ -91,9 +92,11 @@ def _build(backend: str, model_bytes: bytes, threads: int | None, resolver: str,
     resolvers = module.experimental.OpResolverType if backend == "tf.lite" else module.OpResolverType
     kind = resolvers.BUILTIN_REF if resolver == "reference" else resolvers.AUTO
     try:
-        interpreter = module.Interpreter(model_content=model_bytes, num_threads=threads,
-                                         experimental_op_resolver_type=kind)
-        interpreter.allocate_tensors()
+        # The runtime announces its CPU delegate on stderr while the interpreter is built.
+        with native_stderr_filtered(native_log_level()):
+            interpreter = module.Interpreter(model_content=model_bytes, num_threads=threads,
+                                             experimental_op_resolver_type=kind)
+            interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{name}: {backend} cannot load the model ({reason}); "

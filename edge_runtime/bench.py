@@ -1,12 +1,13 @@
 """`python -m edge_runtime bench MODEL [IMAGES...]`: time a .tflite model on this device.
 
-Reports load time, preprocessing (decode, resize, normalize, quantize) separately from
-inference (set input, invoke, read output), latency percentiles, throughput and peak RSS, per
-thread count. This is what runs on a Raspberry Pi over SSH with the base install only; run it in
-a fresh process per model when comparing memory (peak RSS only ever grows within a process).
+Reports load time, preprocessing (decode, resize, uint8 pixels to the input tensor:
+EdgeModel.input_tensor, what predict and the server run) separately from inference (set input,
+invoke, read output), latency percentiles, throughput and peak RSS, per thread count. This is
+what runs on a Raspberry Pi over SSH with the base install only; run it in a fresh process per
+model when comparing memory (peak RSS only ever grows within a process).
 
 Per thread count it also times image to answer as the device runs it, stage by stage
-(`stages_ms`): decode+resize (the one preprocessing's open_image and resize), quantize (uint8
+(`stages_ms`): decode+resize (the one preprocessing's input_pixels), quantize (uint8
 pixels to the input tensor through edge_runtime.pixels, no float round trip, and set into the
 interpreter), invoke, read-out (output, dequantize, probabilities, decision); and the
 throughput at batch 32 (`batch`: the input resized to 32 where the model allows, else the
@@ -39,7 +40,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("model", help="the .tflite model to time")
     parser.add_argument("images", nargs="*", help="images to feed (default: seeded random inputs; "
                                                   "images also time the preprocessing)")
-    parser.add_argument("--threads", default="1", help="comma-separated thread counts, e.g. 1,2,4 (default 1)")
+    parser.add_argument("--threads", default="1", metavar="N,...",
+                        help="interpreter thread counts to time, comma-separated, e.g. 1,2,4 (default 1)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     parser.add_argument("--runs", type=int, default=100, help="timed runs per thread count (default 100)")
     parser.add_argument("--backend", choices=BACKENDS, help="force an interpreter")
@@ -133,21 +135,13 @@ def prepare_inputs(model, images) -> tuple[list[np.ndarray], dict | None]:
         rng = np.random.default_rng(0)
         x = rng.uniform(-1, 1, (1, model.prep.height, model.prep.width, 3)).astype(np.float32)
         return [model.quantize_input(x)], None
-    pixels_of(model, images[0])  # untimed: the first decode pays for PIL's lazy plugin imports
+    model.input_tensor(images[0])  # untimed: the first decode pays for PIL's lazy plugin imports
     tensors, times = [], []
     for image in images:
         started = time.perf_counter()
-        tensors.append(model.input_from_pixels(pixels_of(model, image)))
+        tensors.append(model.input_tensor(image))
         times.append((time.perf_counter() - started) * 1000)
     return tensors, {"images": len(times), **latency_stats(times)}
-
-
-def pixels_of(model, source) -> np.ndarray:
-    """Decode + resize, exactly as the one preprocessing does (preprocess.preprocess, before normalize)."""
-    from edge_runtime.preprocess import open_image, resize
-
-    prep = model.prep
-    return resize(open_image(source, at_least=2 * max(prep.height, prep.width)), prep)
 
 
 STAGES = ("decode_resize", "quantize", "invoke", "read_out")
@@ -156,10 +150,12 @@ STAGES = ("decode_resize", "quantize", "invoke", "read_out")
 def time_stages(model, images, warmup=10, runs=100, quiet=True) -> dict:
     """Image to answer, stage by stage, over `runs` images (cycled): decode+resize, quantize
     (pixels to the input tensor, set into the interpreter), invoke, read-out (output,
-    dequantize, probabilities, decision). Without images: seeded random pixels, no decode.
+    dequantize, probabilities, decision). The first two are EdgeModel.input_tensor, the input
+    path of predict and the server, split in its two steps. Without images: seeded random
+    pixels, no decode.
     Returns {stage: stats, "image_to_answer": stats, "image_to_answer_over_invoke": p50 ratio}."""
     from edge_runtime.model import to_probabilities
-    from edge_runtime.preprocess import dequantize
+    from edge_runtime.preprocess import dequantize, input_pixels
 
     interpreter, inp, out = model.interpreter, model.input, model.output
     if images:
@@ -171,7 +167,7 @@ def time_stages(model, images, warmup=10, runs=100, quiet=True) -> dict:
     times = {stage: [] for stage in STAGES}
     for i in range(warmup + runs):
         t0 = time.perf_counter()
-        pixels = pixels_of(model, sources[i % len(sources)]) if decode else sources[0]
+        pixels = input_pixels(sources[i % len(sources)], model.prep) if decode else sources[0]
         t1 = time.perf_counter()
         interpreter.set_tensor(inp.index, model.input_from_pixels(pixels))
         t2 = time.perf_counter()

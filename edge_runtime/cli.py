@@ -14,65 +14,21 @@ import importlib
 import importlib.abc
 import importlib.util
 import os
-import re
 import sys
-import tempfile
 
+from edge_runtime.console import TF_LOG_LEVEL, native_log_level, native_stderr_filtered
 from edge_runtime.errors import EXIT_USAGE, OncoliteError
 
 # name -> (module, one-line help)
 EDGE_COMMANDS = {
     "predict": ("edge_runtime.predict", "classify image files, folders or globs with a .tflite model"),
     "serve": ("edge_runtime.server", "serve the phone-friendly field page and JSON API"),
-    "bench": ("edge_runtime.bench", "time a .tflite model on this device (latency percentiles, memory)"),
+    "bench": ("edge_runtime.bench", "time one .tflite model on this device: latency percentiles, memory "
+                                    "(`oncolite benchmark` is the full report)"),
     "info": ("edge_runtime.model", "show a .tflite model's labels, preprocessing, tensors and checks"),
     "slidemap": ("edge_runtime.slidemap", "IDC slide map: a patient's patches with predicted IDC probability"),
     "webapp": ("edge_runtime.webapp", "build the installable, offline field page that runs the model in the phone's browser"),
 }
-
-
-TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"
-# An absl log line ("I0000 00:00:1796120757.632656 7701 port.cc:153] ...") and its severity.
-_ABSL_LINE = re.compile(rb"^([IWEF])\d{4} ")
-_SEVERITY = {b"I": 0, b"W": 1, b"E": 2, b"F": 3}
-_ABSL_NOTICE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
-
-
-def _log_level() -> int:
-    try:
-        return int(os.environ.get(TF_LOG_LEVEL, "0"))
-    except ValueError:
-        return 0
-
-
-@contextlib.contextmanager
-def _native_stderr_filtered(level: int):
-    """File descriptor 2 captured while the block runs, then written back without the absl
-    lines below `level` (and absl's notice about them). Everything else comes back as it was."""
-    if sys.stderr is not None:
-        sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            if sys.stderr is not None:
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            kept = b"".join(line for line in capture.read().splitlines(keepends=True)
-                            if not _below(line, level))
-            while kept:
-                kept = kept[os.write(2, kept):]
-
-
-def _below(line: bytes, level: int) -> bool:
-    found = _ABSL_LINE.match(line)
-    if found:
-        return _SEVERITY[found.group(1)] < level
-    return level > 0 and line.rstrip() == _ABSL_NOTICE
 
 
 class _FilteredLoader:
@@ -86,7 +42,7 @@ class _FilteredLoader:
 
     def exec_module(self, module):
         try:
-            with _native_stderr_filtered(self._level):
+            with native_stderr_filtered(self._level):
                 self._loader.exec_module(module)
         finally:
             module.__loader__ = module.__spec__.loader = self._loader
@@ -106,7 +62,7 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.loader is not None:
-            spec.loader = _FilteredLoader(spec.loader, _log_level())
+            spec.loader = _FilteredLoader(spec.loader, native_log_level())
         return spec
 
 
@@ -126,17 +82,20 @@ def quiet_tensorflow_logs():
             sys.meta_path.remove(finder)
 
 
-def dispatch(prog: str, commands: dict, argv=None) -> int:
+def dispatch(prog: str, commands: dict, argv=None, groups: dict | None = None) -> int:
+    """Run one command. `groups`: heading -> command names, how the command list is shown
+    (default: one list, "commands")."""
     with quiet_tensorflow_logs():
-        return _dispatch(prog, commands, argv)
+        return _dispatch(prog, commands, argv, groups or {"commands": list(commands)})
 
 
-def _dispatch(prog: str, commands: dict, argv=None) -> int:
+def _dispatch(prog: str, commands: dict, argv, groups: dict) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     width = max(map(len, commands))
-    listing = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in commands.items())
+    listing = "\n\n".join(f"{heading}:\n" + "\n".join(f"  {name:<{width}}  {commands[name][1]}" for name in names)
+                           for heading, names in groups.items())
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print(f"usage: {prog} COMMAND [options]\n\ncommands:\n{listing}\n\n"
+        print(f"usage: {prog} COMMAND [options]\n\n{listing}\n\n"
               f"`{prog} COMMAND --help` describes one command.", file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"{prog}: error: unknown command {argv[0]!r}", file=sys.stderr)
@@ -149,6 +108,7 @@ def _dispatch(prog: str, commands: dict, argv=None) -> int:
     args = parser.parse_args(argv[1:])
     # Reports record the command that made them; with `oncolite run` that is not sys.argv.
     args.command_line = " ".join([prog, name, *argv[1:]])
+    args.command = f"{prog} {name}"
     try:
         return int(module.main(args) or 0)
     except OncoliteError as e:

@@ -34,10 +34,9 @@ from edge_runtime.flatbuf import model_kind
 from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
 from edge_runtime.hashing import bytes_sha256
 from edge_runtime.metadata import MODEL_IDENTIFIER, read_metadata
-from edge_runtime.preprocess import Preprocessing, dequantize, preprocess, quantize
+from edge_runtime.preprocess import Preprocessing, dequantize, input_pixels, preprocess, quantize
+from edge_runtime.resources import SHIPPED_MODEL
 
-# The model a fresh checkout ships: used when a command is given no MODEL.
-SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "busi" / "int8.tflite"
 # A flatbuffer cannot be larger (32-bit offsets); a sidecar is a few KB of JSON.
 MAX_MODEL_BYTES = 2**31
 MAX_SIDECAR_BYTES = 2**20
@@ -188,8 +187,13 @@ class EdgeModel:
             self._pixel_input = PixelInput.for_model(self)
         return self._pixel_input(pixels)
 
+    def input_tensor(self, source) -> np.ndarray:
+        """File path or bytes -> the input tensor, as predict, the server and the bench make it:
+        the one preprocessing's uint8 pixels (preprocess.input_pixels) straight to the tensor."""
+        return self.input_from_pixels(input_pixels(source, self.prep))
+
     def predict_file(self, source) -> np.ndarray:
-        return self.predict(self.prepare(source))[0]
+        return self.run(self.input_tensor(source))
 
     def decide(self, probs) -> int:
         """Index of the predicted label: the threshold's positive class if p >= value, else argmax."""

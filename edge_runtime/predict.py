@@ -39,9 +39,10 @@ the decision rule (highest probability, or the model's threshold) and, for a
 model with an uncertain band, whether it is uncertain (review on a second reader).
 
 resume: an interrupted run (Ctrl+C, a kill, a power cut) loses at most the image
-in flight. Run the same command again, from the same folder, with --skip-done OUT,
-OUT being its --csv or --json output: files OUT lists as classified are skipped,
-files that failed are tried again. Appending to OUT itself works:
+in flight. Run the command again with --skip-done OUT, OUT being its --csv or
+--json output: files OUT lists as classified are skipped (recognised by their
+absolute path, from any folder and however the paths are spelled), files that
+failed are tried again. Appending to OUT itself works:
   predict MODEL FOLDER --csv > out.csv                         (interrupted)
   predict MODEL FOLDER --csv --skip-done out.csv >> out.csv    (finishes it)
 """
@@ -77,7 +78,7 @@ def main(args) -> int:
     if args.skip_done:
         done = read_done(args.skip_done)
         appending = continue_output(args.skip_done)
-    todo = [f for f in files if printable(f) not in done]
+    todo = [f for f in files if resume_key(f) not in done]
     model = EdgeModel.load(model_path or default_model_path(), backend=args.backend,
                            threads=args.threads, resolver=args.resolver)
     for warning in model.warnings:  # stderr in every mode: --json and --quiet are about stdout
@@ -179,9 +180,18 @@ def skipped_summary(skipped: list[tuple[str, str]]) -> str:
     return f"skipped {' and '.join(parts)}, e.g. {printable(skipped[0][0])}"
 
 
+def resume_key(path) -> str:
+    """How --skip-done recognises a file from any working directory and however its path is
+    spelled (relative, absolute, through a symlinked folder): its absolute path with the folders
+    resolved. The file's own name is not resolved: two links to one image are two inputs."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return printable(os.path.join(os.path.realpath(folder), name))
+
+
 def read_done(path: str) -> set[str]:
-    """The files an earlier --csv or --json output lists as classified. A last line cut short
-    by a kill is not a result; a file that failed is not done."""
+    """The resume keys of the files an earlier --csv or --json output lists as classified. A
+    last line cut short by a kill is not a result; a file that failed is not done. Outputs of
+    older versions have no `path`: their `file` is taken relative to the current folder."""
     name = printable(path)
     try:
         mode = os.stat(path).st_mode
@@ -205,7 +215,8 @@ def read_done(path: str) -> set[str]:
         raise OncoliteError(f"--skip-done {name}: neither predict --csv output (no file, label and error columns) "
                             "nor --json lines; pass the output of an earlier run")
     # A row a kill cut short lacks its last columns (None).
-    return {row["file"] for row in rows if None not in row.values() and row["label"] and not row["error"]}
+    return {row.get("path") or resume_key(row["file"])
+            for row in rows if None not in row.values() and row["label"] and not row["error"]}
 
 
 def _done_in_json_lines(name: str, lines: list[str]) -> set[str]:
@@ -220,7 +231,7 @@ def _done_in_json_lines(name: str, lines: list[str]) -> set[str]:
                 break
             raise OncoliteError(f"--skip-done {name}: line {number} is not JSON; pass the --json output of an earlier run") from None
         if isinstance(record, dict) and record.get("type") == "result" and isinstance(record.get("file"), str):
-            done.add(record["file"])
+            done.add(record.get("path") or resume_key(record["file"]))
     return done
 
 
@@ -253,16 +264,16 @@ def classify(model, path: str, top_k: int) -> dict:
     an error record (the batch goes on)."""
     from edge_runtime.model import prediction_record
 
-    name = printable(path)
+    name, key = printable(path), resume_key(path)
     try:
         started = time.perf_counter()
-        tensor = model.quantize_input(model.prepare(path)[None])
+        tensor = model.input_tensor(path)
         prepared = time.perf_counter()
         probs = model.run(tensor)
         finished = time.perf_counter()
     except ImageError as e:
-        return {"type": "error", "file": name, "error": printable(str(e))}
-    return {"type": "result", "file": name, **prediction_record(model, probs, top_k),
+        return {"type": "error", "file": name, "path": key, "error": printable(str(e))}
+    return {"type": "result", "file": name, "path": key, **prediction_record(model, probs, top_k),
             "preprocess_ms": round((prepared - started) * 1000, 3), "inference_ms": round((finished - prepared) * 1000, 3)}
 
 
@@ -297,12 +308,12 @@ def finish_table(summary: dict, failed: list[dict], skipped: list[tuple[str, str
 
 
 def csv_header(labels: list[str]) -> list[str]:
-    return ["file", "label", "probability", *[f"p_{label}" for label in labels], "uncertain", "decision_rule",
+    return ["file", "path", "label", "probability", *[f"p_{label}" for label in labels], "uncertain", "decision_rule",
             "preprocess_ms", "inference_ms", "error"]
 
 
 def csv_row(r: dict, labels: list[str]) -> list:
     if r["type"] == "error":
-        return [r["file"], "", "", *[""] * len(labels), "", "", "", "", r["error"]]
-    return [r["file"], r["label"], f"{r['probability']:.6f}", *[f"{r['probabilities'][label]:.6f}" for label in labels],
+        return [r["file"], r["path"], "", "", *[""] * len(labels), "", "", "", "", r["error"]]
+    return [r["file"], r["path"], r["label"], f"{r['probability']:.6f}", *[f"{r['probabilities'][label]:.6f}" for label in labels],
             _flag(r["uncertain"]), r["decision_rule"], r["preprocess_ms"], r["inference_ms"], ""]

@@ -41,8 +41,11 @@ class Patch:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("patient_dir", help="one IDC patient's folder (its 0/ and 1/ subfolders are searched)")
-    parser.add_argument("--model", required=True, help="an IDC .tflite model (labels include 'idc', or binary)")
+    # The model first, as in predict, serve, bench, info and webapp; or --model, as in predict.
+    parser.add_argument("paths", nargs="+", metavar="MODEL PATIENT_DIR",
+                        help="an IDC .tflite model (labels include 'idc', or binary), then one IDC patient's folder "
+                             "(its 0/ and 1/ subfolders are searched)")
+    parser.add_argument("--model", help="the .tflite model (instead of giving it first)")
     parser.add_argument("--out", help="output PNG (default: slidemap_<patient>.png in the current folder)")
     parser.add_argument("--backend", choices=BACKENDS, help="force an interpreter")
     parser.add_argument("--threads", type=int, help="interpreter threads")
@@ -53,6 +56,10 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from edge_runtime.model import EdgeModel
 
+    given = ([args.model] if args.model else []) + args.paths
+    if len(given) != 2:
+        raise OncoliteError("give the model and one patient's folder: slidemap MODEL PATIENT_DIR")
+    args.model, args.patient_dir = given
     patches, malformed = find_patches(args.patient_dir)
     model = EdgeModel.load(args.model, backend=args.backend, threads=args.threads)
     positive = positive_index(model)

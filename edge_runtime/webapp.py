@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -36,10 +35,10 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
+from edge_runtime.resources import WORKSPACE
 
 ASSETS_DIR = Path(__file__).resolve().parent / "webapp_static"
 APP_CSS = Path(__file__).resolve().parent / "static" / "app.css"
-REPO_WEB = Path(__file__).resolve().parent.parent / "web"
 FORMAT = "oncolite-webapp/1"
 CHROMIUM = "/usr/bin/chromium"
 # Headless Debian Chromium at a phone's size, touch and user agent (never a downloaded browser).
@@ -113,7 +112,7 @@ def io_shape_signatures(data: bytes) -> dict[str, list[int] | None]:
 def default_runtime_dir() -> Path:
     """`node_modules` of the repo's web/ folder (`npm ci --prefix web`), or $ONCOLITE_LITERTJS."""
     env = os.environ.get("ONCOLITE_LITERTJS")
-    return Path(env) if env else REPO_WEB / "node_modules"
+    return Path(env) if env else WORKSPACE / "web" / "node_modules"
 
 
 def find_runtime(folder: Path | None = None) -> dict:
@@ -380,25 +379,44 @@ def mount_webapp(app, folder, prefix: str = "/field"):
 # In-browser latency (WASM), for the benchmark
 
 
+def browser_unavailable(chromium: str = CHROMIUM, runtime_dir=None) -> str | None:
+    """Why in-browser timing cannot run on this machine (one line naming the fix), or None:
+    it needs Debian's Chromium, pip playwright and the LiteRT.js files."""
+    import importlib.util
+
+    if not Path(chromium).exists():
+        return f"{chromium} not found: install Debian's chromium (apt-get install chromium)"
+    if importlib.util.find_spec("playwright") is None:
+        return "pip playwright not installed (the test extra: pip install -e '.[test]')"
+    try:
+        find_runtime(runtime_dir)
+    except OncoliteError as e:
+        return str(e)
+    return None
+
+
 def browser_latency(model_or_folder, runs: int = 50, warmup: int = 5, images=(), chromium: str = CHROMIUM,
                     runtime_dir=None, browser=None) -> dict:
     """Inference latency of the model inside headless Chromium (LiteRT.js, WebAssembly, one thread).
 
     `model_or_folder`: a .tflite (built into a temporary web app) or a built folder. Returns the
-    model-only latency over `runs` timed runs after `warmup` (p50/p90/mean/min ms, every run),
-    and, for each of `images`, the page's own figures for one classification (preprocessing and
-    inference). A figure of this machine's Chromium, not of a phone. Needs Chromium and pip
-    `playwright` (the test extra), or an already launched Playwright `browser`; raises
+    model-only latency (tensor in, run, probabilities out: what EdgeModel.run times in Python)
+    over `runs` timed runs after `warmup`, as `latency_ms` in the edge bench's statistics, every
+    run (`times_ms`), and, for each of `images` (classified first; the timed runs then reuse the
+    last one's input), the page's own figures for one classification (preprocessing and
+    inference). A figure of this machine's Chromium, not of a phone. Needs what
+    `browser_unavailable` checks, or an already launched Playwright `browser`; raises
     OncoliteError without them.
     """
+    from edge_runtime.bench import latency_stats
+
     with contextlib.ExitStack() as stack:
         if browser is None:
-            try:
-                from playwright.sync_api import sync_playwright
-            except ImportError:
-                raise OncoliteError("browser_latency needs pip playwright (pip install -e '.[test]')") from None
-            if not Path(chromium).exists():
-                raise OncoliteError(f"{chromium} not found: install Debian's chromium (apt-get install chromium)")
+            problem = browser_unavailable(chromium, runtime_dir)
+            if problem:
+                raise OncoliteError(problem)
+            from playwright.sync_api import sync_playwright
+
             p = stack.enter_context(sync_playwright())
             browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             stack.callback(browser.close)
@@ -413,18 +431,13 @@ def browser_latency(model_or_folder, runs: int = 50, warmup: int = 5, images=(),
         page = context.new_page()
         page.goto(url)
         page.wait_for_selector("body[data-state=ready]", timeout=60_000)
-        per_image = []
-        for image in images:
-            per_image.append(classify_in_page(page, image))
+        per_image = [classify_in_page(page, image) for image in images]
         figures = page.evaluate("o => window.oncoliteField.benchmark(o)", {"runs": runs, "warmup": warmup})
-    times = sorted(figures["times_ms"])
-    return {"runs": runs, "warmup": warmup, "p50_ms": statistics.median(times),
-            "p90_ms": times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))],
-            "mean_ms": statistics.fmean(times), "min_ms": times[0], "times_ms": figures["times_ms"],
-            "threads": 1, "wasm": figures["wasm"], "runtime": figures["runtime"],
-            "user_agent": figures["user_agent"], "model_sha256": figures["model_sha256"],
-            "images": per_image}
-
+        version = browser.version
+    return {"runs": runs, "warmup": warmup, "latency_ms": latency_stats(figures["times_ms"]),
+            "times_ms": figures["times_ms"], "threads": 1, "browser": f"Chromium {version}", "wasm": figures["wasm"],
+            "runtime": figures["runtime"], "user_agent": figures["user_agent"],
+            "model_sha256": figures["model_sha256"], "images": per_image}
 
 
 def classify_in_page(page, image, timeout_ms: int = 60_000) -> dict:

@@ -8,6 +8,7 @@ skips finished variants); `--from STAGE` redoes that stage and everything after 
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -15,11 +16,11 @@ import time
 from pathlib import Path
 
 from edge_runtime.atomic import write_json, write_text
-from edge_runtime.console import add_output_flags, print_json
+from edge_runtime.console import add_output_flags, old_spelling, print_json
 from edge_runtime.errors import EXIT_OK, OncoliteError
+from edge_runtime.resources import WORKSPACE
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT / "data" / "busi"
+DEFAULT_DATA = WORKSPACE / "data" / "busi"
 STAGES = ("audit", "split", "train", "evaluate", "quantize", "export", "benchmark", "report")
 # The headline numbers of the summary table and of the shipped README table.
 # Folds after the first export and time only what the float-vs-int8 question needs: the
@@ -31,12 +32,16 @@ SUMMARY_VARIANTS = ("keras_float", "tflite_fp32", "tflite_fp16", "tflite_dynamic
 # What `--publish NAME` ships in models/NAME: the int8 model export chose, its uint8-I/O twin
 # (MediaPipe Tasks, the browser), and the fp32 reference.
 PUBLISHED_VARIANTS = ("int8", "int8_uint8", "fp32")
+# What a run directory holds from its first stage on (`run RUN_DIR` is never taken for old-style DATA).
+RUN_MARKS = ("stages.json", "audit", "manifest.json", "config.json")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("data", nargs="?", default=str(DEFAULT_DATA),
-                        help="dataset folder or CSV (default: the shipped BUSI copy, data/busi)")
-    parser.add_argument("--run", help="run directory (default: runs/<dataset>-<profile>)")
+    from oncolite.train.config import add_set_argument
+
+    parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="run directory (default: runs/<dataset>-<profile>)")
+    parser.add_argument("--data", help="dataset folder or CSV (default: the shipped BUSI copy, data/busi)")
+    parser.add_argument("--run", dest="old_run", help=argparse.SUPPRESS)  # the old spelling: `run DATA --run RUN_DIR`
     parser.add_argument("--profile", choices=("quick", "full"),
                         help="quick: < 20 min on 2 CPU cores, one fold; full: 224 px, full epochs, 5-fold CV "
                              "(default: full with a GPU, quick without)")
@@ -45,8 +50,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--folds", type=int, help="CV folds to train and benchmark (default: the profile's)")
     parser.add_argument("--random", action="store_true", help="naive random split (to show what leakage does)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting of the run's config (repeatable; see `oncolite train --help`)")
+    add_set_argument(parser)
     parser.add_argument("--publish", metavar="NAME",
                         help="copy fold 0's int8, int8_uint8 and fp32 models to models/NAME/ and the reports to reports/NAME/")
     add_output_flags(parser)
@@ -57,12 +61,12 @@ def main(args) -> int:
     from edge_runtime.cli import dispatch
 
     profile = args.profile or ("full" if _has_gpu() else "quick")
-    data = Path(args.data)
+    run_dir, data = given_run_and_data(args)
     if not data.exists():
         raise OncoliteError(f"{data}: no such dataset; pass a dataset folder or CSV (default: {DEFAULT_DATA})")
     dataset = args.dataset or _dataset_name(data)
-    run = Path(args.run or REPO_ROOT / "runs" / f"{dataset or data.name}-{profile}{'-random' if args.random else ''}")
-    from train.config import load_config, parse_overrides
+    run = Path(run_dir or WORKSPACE / "runs" / f"{dataset or data.name}-{profile}{'-random' if args.random else ''}")
+    from oncolite.train.config import load_config, parse_overrides
 
     load_config(dataset=dataset, profile=profile, overrides=parse_overrides(args.set))  # every setting, before any work
     run.mkdir(parents=True, exist_ok=True)
@@ -90,9 +94,9 @@ def main(args) -> int:
     per_fold = {stage: [] for stage in ("train", "evaluate", "quantize", "export", "benchmark")}
     for i, fold_dir in enumerate(fold_dirs):
         prefix = "" if folds == 1 else f"fold{i}/"
-        resume = ["--resume", str(fold_dir)] if (fold_dir / "train" / "state").exists() else []
+        resume = ["--resume"] if (fold_dir / "train" / "state").exists() else []
         qat_resume = ["--resume"] if (fold_dir / "models" / "qat_state" / "state.json").exists() else []
-        per_fold["train"].append((f"{prefix}train", ["train", "--manifest", str(manifest), "--run", str(fold_dir),
+        per_fold["train"].append((f"{prefix}train", ["train", str(fold_dir), "--manifest", str(manifest),
                                                      "--profile", profile, *(["--dataset", dataset] if dataset else []),
                                                      "--fold", str(i), *resume, *(f"--set={pair}" for pair in args.set)]))
         per_fold["evaluate"].append((f"{prefix}evaluate", ["evaluate", str(fold_dir)]))
@@ -100,7 +104,7 @@ def main(args) -> int:
         per_fold["export"].append((f"{prefix}export", ["export", str(fold_dir),
                                                        "--variants", FIRST_FOLD_VARIANTS if i == 0 else CV_VARIANTS]))
         per_fold["benchmark"].append((f"{prefix}benchmark", ["benchmark", str(fold_dir),
-                                                             *([] if i == 0 else ["--threads", "none"])]))
+                                                             *([] if i == 0 else ["--no-timing"])]))
     plan += [step for steps in per_fold.values() for step in steps]
 
     started = time.monotonic()
@@ -134,6 +138,27 @@ def main(args) -> int:
     for warning in summary["warnings"]:
         print(f"oncolite run: warning: {warning}", file=sys.stderr)
     return EXIT_OK
+
+
+def given_run_and_data(args) -> tuple[str | None, Path]:
+    """(RUN_DIR, DATA) of `run [RUN_DIR] [--data DATA]`, or of the old spelling `run [DATA]
+    [--run RUN_DIR]` (with a note). Without --run, the one positional is taken for the old DATA
+    only when it is a dataset: a CSV file, or a folder that is neither empty nor holds what a run
+    writes first (a run interrupted in its first stage holds audit/)."""
+    given = args.run_dir
+    if not args.old_run and not (given and not args.data and _is_dataset(Path(given))):
+        return given, Path(args.data or DEFAULT_DATA)
+    data = given or args.data
+    old = " ".join(filter(None, ["run", given, args.old_run and f"--run {args.old_run}"]))
+    new = " ".join(filter(None, ["oncolite run", args.old_run, data and f"--data {data}"]))
+    old_spelling(args, old, new)
+    return args.old_run, Path(data or DEFAULT_DATA)
+
+
+def _is_dataset(path: Path) -> bool:
+    if path.is_file():
+        return True
+    return path.is_dir() and any(path.iterdir()) and not any((path / name).exists() for name in RUN_MARKS)
 
 
 # The first stage each setting feeds: a change there means redoing from that stage on.
@@ -189,7 +214,7 @@ def summarize(run: Path, fold_dirs: list[Path]) -> dict:
     the folds' held-out images (benchmarks.pooled)."""
     import numpy as np
 
-    from benchmarks.pooled import load_folds, pool
+    from oncolite.benchmarks.pooled import load_folds, pool
 
     per_fold = [json.loads((d / "benchmark" / "report.json").read_text()) for d in fold_dirs]
     keys = ("accuracy", "mcc", "roc_auc_macro", "f1_macro", "agreement_with_float")
@@ -213,7 +238,7 @@ def summarize(run: Path, fold_dirs: list[Path]) -> dict:
 
 def _shown(arg: str) -> str:
     """A path inside the repository as a path relative to it (reports are committed)."""
-    root = str(REPO_ROOT) + "/"
+    root = str(WORKSPACE.resolve()) + "/"
     return arg[len(root):] if arg.startswith(root) else arg
 
 
@@ -232,7 +257,7 @@ def summary_markdown(summary: dict, command: str | None = None) -> str:
         size = f"{e['size_bytes'] / 1024:.0f}" if e.get("size_bytes") else "—"
         p50 = ((e.get("latency_ms") or {}).get("2") or {}).get("p50")
         lines.append(f"| {name} | {n} | {' | '.join(cells)} | {size} | {'—' if p50 is None else f'{p50:.2f}'} |")
-    from benchmarks.pooled import markdown as pooled_markdown
+    from oncolite.benchmarks.pooled import markdown as pooled_markdown
 
     pooled = pooled_markdown(summary.get("pooled") or {})
     if pooled:
@@ -244,7 +269,7 @@ def summary_markdown(summary: dict, command: str | None = None) -> str:
 
 def publish(run: Path, fold_dir: Path, name: str) -> None:
     """Ship the fold-0 models and every report inside the repo (models/NAME, reports/NAME)."""
-    models, reports = REPO_ROOT / "models" / name, REPO_ROOT / "reports" / name
+    models, reports = WORKSPACE / "models" / name, WORKSPACE / "reports" / name
     for variant in PUBLISHED_VARIANTS:
         for suffix in (".tflite", ".json"):
             _copy(fold_dir / "models" / f"{variant}{suffix}", models / f"{variant}{suffix}")
@@ -274,7 +299,7 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def _has_gpu() -> bool:
-    import train  # noqa: F401
+    import oncolite.train  # noqa: F401
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))
@@ -282,8 +307,8 @@ def _has_gpu() -> bool:
 
 def _dataset_name(data: Path) -> str | None:
     """The configs/datasets/<name>.json that fits the data, if one does."""
-    from train.config import available
-    from train.datasets import detect_layout
+    from oncolite.train.config import available
+    from oncolite.train.datasets import detect_layout
 
     layout = detect_layout(data)
     name = {"breakhis-folds": "breakhis"}.get(layout, layout)
@@ -293,7 +318,7 @@ def _dataset_name(data: Path) -> str | None:
 
 
 def _profile_folds(dataset: str, profile: str) -> int:
-    from train.config import load_config
+    from oncolite.train.config import load_config
 
     return int(load_config(dataset=dataset, profile=profile).get("folds", 1))
 

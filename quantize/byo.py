@@ -57,7 +57,7 @@ def source_sha256(path) -> str:
 
 def load_foreign_model(path):
     """A tf-keras model from a .keras/.h5 file or a Keras SavedModel directory (one-line errors)."""
-    import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+    import oncolite.train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
     import tf_keras as keras
 
     path = Path(path)
@@ -113,7 +113,7 @@ def prepare_model(model, where) -> tuple[object, list[str]]:
     Returns (model, notes on what was changed)."""
     import tf_keras as keras
 
-    from train.model import flatten, is_flat
+    from oncolite.train.model import flatten, is_flat
 
     notes = []
     if len(model.inputs) != 1 or len(model.outputs) != 1:
@@ -256,7 +256,7 @@ def check_labels(where, found, given) -> list[str]:
 def folder_data(root, labels=None, seed: int = 0, halves: bool = True) -> FolderData:
     """Images of a dataset folder: split into a calibration half ("train") and a validation
     half ("val") when `halves`, else every image on the "test" side."""
-    from train.datasets import load_dataset
+    from oncolite.train.datasets import load_dataset
 
     dataset = load_dataset(root)
     labels = check_labels(dataset.root, dataset.labels, labels)
@@ -291,7 +291,7 @@ def folder_data(root, labels=None, seed: int = 0, halves: bool = True) -> Folder
 
 def manifest_data(path, labels=None):
     """A manifest (json or csv) with the label order checked against --labels."""
-    from train.manifest import load_manifest
+    from oncolite.train.manifest import load_manifest
 
     manifest = load_manifest(path)
     if labels is not None:
@@ -334,8 +334,8 @@ def import_model(model_path, out: Path, size=None, mean=None, std=None, resample
 def byo_run(model_path, out, data=None, manifest=None, labels=None, size=None, mean=None, std=None, resample=None,
             seed: int = 0, quiet: bool = True):
     """A Run (quantize.rundir.ModelRun) for export_variants: OUT holds float.keras and the variants."""
-    from quantize.rundir import ModelRun
-    from train.config import load_config
+    from .rundir import ModelRun
+    from oncolite.train.config import load_config
 
     if (data is None) == (manifest is None):
         raise OncoliteError(f"{model_path}: give the images for calibration and the validation gate with "

@@ -20,16 +20,16 @@ import shlex
 import numpy as np
 from sklearn.metrics import accuracy_score, matthews_corrcoef
 
-import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import oncolite.train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from edge_runtime.atomic import write_json, write_text
 from edge_runtime.model import EdgeModel
-from quantize import checks
-from quantize.rundir import Run
-from train.data import load_arrays
-from train.metrics import agreement
-from train.model import load_float_model
+from . import checks
+from .rundir import Run
+from oncolite.train.data import load_arrays
+from oncolite.train.metrics import agreement
+from oncolite.train.model import load_float_model
 
 DEBUG_IMAGES = 32  # validation images the debugger runs; per-layer errors settle well before that
 TOP_LAYERS = 10

@@ -30,15 +30,14 @@ import math
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-import tensorflow as tf
-
 from edge_runtime.atomic import atomic_path, write_bytes, write_json
-from edge_runtime.console import add_output_flags, print_json, progress, say
+from edge_runtime.backends import make_interpreter
+from edge_runtime.console import add_output_flags, native_log_level, native_stderr_filtered, print_json, progress, say
 from edge_runtime.decision import margin_errors
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from edge_runtime.hashing import bytes_sha256, file_sha256
@@ -46,9 +45,9 @@ from edge_runtime.metadata import write_metadata
 from edge_runtime.model import sidecar_path
 from edge_runtime.preprocess import dequantize, normalize, preprocess, quantize
 from edge_runtime.variants import INT8_CANDIDATES, SELECTABLE, VARIANTS, io_type
-from quantize import checks
-from quantize.rundir import Run, open_run
-from train.model import load_float_model
+from . import checks
+from .rundir import Run, open_run
+from oncolite.train.config import add_set_argument, with_overrides
 
 SELECTIVE_VARIANT = "int8_ptq_selective"
 IO_CHOICES = ("int8", "uint8", "float")
@@ -71,13 +70,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gate", type=float,
                         help="accuracy an int8 variant may lose against float on validation before the "
                              "quantization debugger runs (default: config export.gate, e.g. 0.01 = 1 point)")
-    from quantize.byo import add_model_arguments
+    from .byo import add_model_arguments
 
     add_model_arguments(parser, "images in class folders: one half calibrates, the other is the validation gate "
                                 "(a bring-your-own MODEL)",
                         seed_help="seed of the calibration sample and the --data split")
     parser.add_argument("--manifest", metavar="M", help="a manifest whose train side calibrates and val side gates "
                                                         "(a bring-your-own MODEL)")
+    add_set_argument(parser, "export")
     add_output_flags(parser)
 
 
@@ -123,6 +123,8 @@ def manifest_relative(path, root) -> str:
 
 def make_converter(model, variant: str, representative=None, io: str = "int8", allow_float_ops: bool = False,
                    batch: int | None = None):
+    import tensorflow as tf  # here, not at the top: `oncolite export --help` must not wait for TensorFlow
+
     if batch is None:
         converter = tf.lite.TFLiteConverter.from_keras_model(model)
     else:  # a static batch: convert the model's function traced at that input shape
@@ -146,9 +148,7 @@ def make_converter(model, variant: str, representative=None, io: str = "int8", a
 
 def io_facts(model_bytes: bytes) -> dict:
     """dtype, shape, scale and zero point of the model's one input and one output."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=model_bytes)
+    interpreter, _ = make_interpreter(model_bytes, backend="ai-edge-litert")
 
     def describe(detail):
         scale, zero_point = detail["quantization"]
@@ -161,10 +161,7 @@ def io_facts(model_bytes: bytes) -> dict:
 def run_model_bytes(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     """N x C outputs of a converted model on normalized float inputs, one image at a time,
     quantized as the device quantizes them (before the file with metadata exists)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=model_bytes)
-    interpreter.allocate_tensors()
+    interpreter, _ = make_interpreter(model_bytes, backend="ai-edge-litert")
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     rows = []
     for sample in x:
@@ -192,6 +189,8 @@ def uncertain_margin(float_probs: np.ndarray, probs: np.ndarray, run: Run) -> fl
 def sidecar_facts(run: Run, variant: str, model_bytes: bytes, source: dict, options: dict, calibration,
                   band: float | None) -> dict:
     """The sidecar without the file's own hash and size (those are of the file with metadata)."""
+    import tensorflow as tf
+
     return {"format": SIDECAR_FORMAT, "variant": variant, "description": VARIANTS[variant].description,
             "labels": run.labels, "preprocessing": run.prep.to_dict(), **io_facts(model_bytes),
             "run": run.path.resolve().name, "manifest_sha256": run.manifest.sha256, "threshold": run.threshold(),
@@ -246,7 +245,7 @@ class Validation:
 
     def load(self) -> "Validation":
         if self.x is None:
-            from train.data import load_arrays
+            from oncolite.train.data import load_arrays
 
             self.x, self.y = load_arrays(self.run.sides()["val"], self.run.labels, self.run.prep, quiet=True)
             self.float_probs = (self.float_model.predict(self.x, batch_size=32, verbose=0).astype(np.float64)
@@ -280,6 +279,8 @@ def export_variants(run: Run, variants: list[str], chosen: list[dict], io: str, 
     """Export each variant (skipping finished ones), integer ones calibrated on `chosen` training
     items; `int8` and `int8_uint8` after the candidates they choose from. Returns
     {variant: {status, sidecar, ops, float_ops}} (and "selection" for `int8`)."""
+    from oncolite.train.model import load_float_model
+
     float_model = load_float_model(run.models / "float.keras")
     calibration = {"side": "train", "count": len(chosen), "seed": int(run.config["seed"]),
                    "paths": [manifest_relative(item["path"], run.manifest.root) for item in chosen]}
@@ -382,7 +383,7 @@ def model_source(run: Run, file_name: str) -> dict:
 
 def load_source(run: Run, source: str, float_model):
     if source == "qat":
-        from quantize.qat import load_qat_model
+        from .qat import load_qat_model
 
         return load_qat_model(run.models / "qat.keras", float_model, freeze_bn=run.config["qat"]["freeze_bn"])
     return float_model
@@ -395,14 +396,14 @@ def rounding_recipe(rounding: str) -> str:
     """The weight rounding an export records: "nearest", or quantize.rounding's recipe name."""
     if rounding == "nearest":
         return rounding
-    from quantize.rounding import RECIPE
+    from .rounding import RECIPE
 
     return RECIPE
 
 
 def rounded_copy(model, chosen: list[dict], prep):
     """quantize.rounding's copy of `model` on these calibration images, computed once per export."""
-    from quantize.rounding import reconstruct_weights
+    from .rounding import reconstruct_weights
 
     key = (id(model), tuple(str(item["path"]) for item in chosen), prep)
     if key not in _ROUNDED:
@@ -417,14 +418,18 @@ def convert(variant: str, model, float_model, chosen: list[dict], prep, represen
     converter gets a copy of the float model whose kernels that recipe chose; the selective
     variant goes through the debugger."""
     if variant == SELECTIVE_VARIANT:
-        from quantize.debug import selective_quantize
+        from .debug import selective_quantize
 
         return selective_quantize(float_model, representative, options["selective"])
     if options.get("rounding") not in (None, "nearest"):
         model = rounded_copy(model, chosen, prep)
     converter = make_converter(model, variant, representative, options["io"], options["allow_float_ops"],
                                options.get("batch"))
-    return converter.convert()
+    # The converter reports its settings on stderr ("fully_quantize: 0, ...") and warns that int8
+    # inputs have no statistics (they get the calibrated input range): noise, also under --quiet.
+    with native_stderr_filtered(native_log_level()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+        return converter.convert()
 
 
 def _ops(run: Run, variant: str, model_bytes: bytes, integer: bool, options: dict) -> dict:
@@ -470,13 +475,11 @@ def check_tensor_names(run: Run, names: list[str]) -> None:
     """--selective names must be tensors of the quantized model; a typo would be ignored silently."""
     import difflib
 
-    from ai_edge_litert.interpreter import Interpreter
-
     reference = run.models / "int8_ptq.tflite"
     if not reference.is_file():
         raise OncoliteError(f"{reference}: missing; --selective names tensors of int8_ptq, export it first "
                             f"(oncolite export {run.path} --variants int8_ptq)")
-    known = {d["name"] for d in Interpreter(model_path=str(reference)).get_tensor_details()}
+    known = {d["name"] for d in make_interpreter(reference, backend="ai-edge-litert")[0].get_tensor_details()}
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.5)
@@ -500,7 +503,7 @@ def byo_arguments_used(args) -> list[str]:
 
 def open_model_run(args):
     """A bring-your-own MODEL as a Run whose models folder is --out (quantize.byo)."""
-    from quantize import byo
+    from . import byo
 
     run, _ = byo.byo_run(args.run_dir, args.out, data=args.data, manifest=args.manifest,
                          labels=byo.parse_labels(args.labels), size=byo.parse_size(args.size),
@@ -518,8 +521,8 @@ def byo_variants(text: str | None, default: list[str]) -> list[str]:
 
 
 def main(args) -> int:
-    from quantize.byo import is_model_path
-    from quantize.debug import gate_report, write_report
+    from .byo import is_model_path
+    from .debug import gate_report, write_report
 
     byo = is_model_path(args.run_dir)
     if byo:
@@ -533,6 +536,7 @@ def main(args) -> int:
             raise OncoliteError(f"--{used[0]}: only for a bring-your-own MODEL; a run directory has its own "
                                 "manifest and models folder")
         run = open_run(args.run_dir)
+    run.config = with_overrides(run.config, args.set, "export")
     settings = run.config["export"]
     variants = byo_variants(args.variants, settings["variants"]) if byo else parse_variants(args.variants, settings["variants"])
     count = args.calibration_images or settings["calibration_images"]

@@ -28,25 +28,20 @@ from pathlib import Path
 
 import numpy as np
 
-import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-import tensorflow as tf
-import tensorflow_model_optimization as tfmot
-import tf_keras as keras
-from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
-
 from edge_runtime.atomic import atomic_path, write_json
 from edge_runtime.console import add_output_flags, print_json, progress, say
 from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
 from edge_runtime.hashing import file_sha256
-from quantize.rundir import Run, open_run
-from train.checkpoints import save_resume_point
-from train.data import image_errors, load_arrays, make_dataset
-from train.metrics import agreement
-from train.model import flatten, load_float_model
+from .rundir import Run, open_run
+from oncolite.train.checkpoints import save_resume_point
+from oncolite.train.config import add_set_argument, with_overrides
+from oncolite.train.metrics import agreement
 
 STATE_DIR = "qat_state"  # under RUN_DIR/models/
 # The QAT model's structure and starting point; a checkpoint of another recipe cannot resume.
 RECIPE = "folded-bn+gptq-start"
+# TensorFlow, tf-keras and tfmot are imported inside the functions that use them: `oncolite
+# quantize --help` (and the dispatcher building this parser) must not wait seconds for them.
 
 
 def add_arguments(parser) -> None:
@@ -54,6 +49,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: config qat.epochs)")
     parser.add_argument("--lr", type=float, help="learning rate (default: config qat.lr)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    add_set_argument(parser, "qat")
     add_output_flags(parser)
 
 
@@ -77,10 +73,86 @@ def quantize_float_model(model: keras.Model, freeze_bn: bool = True) -> keras.Mo
     folded into its conv first (quantize.rounding.fold_batchnorm), so the fake-quantized kernels
     are the ones the converter rounds. Without it, tfmot's own handling: the unfolded kernel is
     fake-quantized and BatchNorm trains (the converter later folds and rounds other numbers)."""
-    from quantize.rounding import fold_batchnorm
+    import tensorflow_model_optimization as tfmot
+
+    from .rounding import fold_batchnorm
+    from oncolite.train.model import flatten
 
     flat = flatten(model)
-    return tfmot.quantization.keras.quantize_model(fold_batchnorm(flat) if freeze_bn else flat)
+    if not freeze_bn:
+        return tfmot.quantization.keras.quantize_model(flat)
+    with conv_relu_kernels_quantized():
+        return tfmot.quantization.keras.quantize_model(fold_batchnorm(flat))
+
+
+@contextlib.contextmanager
+def conv_relu_kernels_quantized():
+    """Within this block tfmot fake-quantizes every kernel of the BatchNorm-folded model as the
+    converter quantizes it: per output channel, conv kernels that a ReLU follows included.
+
+    Two parts of tfmot 0.8.1 part from the converter here. (1) `LayerReLUQuantize` gives a conv
+    that a ReLU follows a no-op QuantizeConfig, so that no fake-quant sits between them, which
+    also leaves its *kernel* float: harmless when a BatchNorm sits between them (tfmot's conv +
+    BatchNorm + ReLU transform comes first), but with BatchNorm folded every expand and depthwise
+    kernel of MobileNetV2 trained off its int8 grid and the converter rounded it afterwards (fold
+    0: 97.4 % simulated, 94.8 % converted; docs/INT8.md). (2) Its per-axis weight quantizer
+    takes the kernel's last axis as the channel axis, which for a DepthwiseConv2D kernel
+    (h, w, channels, 1) is the depth multiplier: one scale for the whole kernel, where the
+    converter has one per channel (and folded BatchNorm scales differ by orders of magnitude
+    between channels). Here such a layer keeps its kernel quantized per channel (a depthwise
+    kernel through a per-channel quantizer on the channel axis) and loses only its output
+    fake-quant, as tfmot does for conv + BatchNorm + ReLU; an Add followed by a ReLU keeps tfmot's
+    handling."""
+    import tensorflow as tf
+    from tensorflow_model_optimization.python.core.quantization.keras import quantize_aware_activation, quantizers, utils
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_registry as registry, default_8bit_transforms)
+
+    original = default_8bit_transforms.LayerReLUQuantize
+
+    class DepthwiseChannelQuantizer(quantizers.LastValueQuantizer):
+        """Per-channel symmetric int8 on axis 2 of a (h, w, channels, 1) depthwise kernel."""
+
+        def __init__(self, **kwargs):
+            super().__init__(num_bits=8, per_axis=True, symmetric=True, narrow_range=True)
+
+        def build(self, tensor_shape, name, layer):
+            return super().build([*tensor_shape[:2], tensor_shape[3], tensor_shape[2]], name, layer)
+
+        def __call__(self, inputs, training, weights, **kwargs):
+            swapped = tf.transpose(inputs, (0, 1, 3, 2))
+            return tf.transpose(super().__call__(swapped, training, weights, **kwargs), (0, 1, 3, 2))
+
+    class DepthwiseQuantizeConfig(registry.Default8BitConvQuantizeConfig):
+        def get_weights_and_quantizers(self, layer):
+            return [(layer.depthwise_kernel, DepthwiseChannelQuantizer())]
+
+    class FoldedLayerReLUQuantize(original):
+        def replacement(self, match_layer):
+            producer = match_layer.input_layers[0]
+            if producer.layer["class_name"] == "Add" or default_8bit_transforms._has_custom_quantize_config(match_layer, producer):
+                return super().replacement(match_layer)
+            producer.layer["config"]["activation"] = utils.serialize_activation(
+                quantize_aware_activation.NoOpActivation(), use_legacy_format=True)
+            return match_layer
+
+        def custom_objects(self):
+            return {**super().custom_objects(), "NoOpActivation": quantize_aware_activation.NoOpActivation}
+
+    default_8bit_transforms.LayerReLUQuantize = FoldedLayerReLUQuantize
+    original_init = registry.Default8BitQuantizeRegistry.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self._layer_quantize_map[registry.layers.DepthwiseConv2D] = DepthwiseQuantizeConfig(
+            ["depthwise_kernel"], ["activation"], False)
+
+    registry.Default8BitQuantizeRegistry.__init__ = init
+    try:
+        yield
+    finally:
+        default_8bit_transforms.LayerReLUQuantize = original
+        registry.Default8BitQuantizeRegistry.__init__ = original_init
 
 
 def trainable_variables(q: keras.Model) -> list:
@@ -111,6 +183,8 @@ def load_qat_model(path: str | Path, float_model: keras.Model, freeze_bn: bool =
 @contextlib.contextmanager
 def cumulative_range_averages(decay: tf.Variable):
     """Within this block tfmot's moving-average ranges use `decay` instead of their fixed 0.999."""
+    from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
+
     original = quant_ops.MovingAvgQuantize
 
     @functools.wraps(original)
@@ -128,6 +202,8 @@ def cumulative_range_averages(decay: tf.Variable):
 def settle_ranges(q: keras.Model, images, steps: int, quiet: bool = True) -> int:
     """Run `steps` training-mode forward passes (no weight update) so each activation range
     becomes the mean of its per-batch min/max. `images` yields (x, y) batches. Returns steps run."""
+    import tensorflow as tf
+
     decay = tf.Variable(0.0, trainable=False, dtype=tf.float32)
     done = 0
     with cumulative_range_averages(decay):
@@ -142,6 +218,8 @@ def settle_ranges(q: keras.Model, images, steps: int, quiet: bool = True) -> int
 # --- the loss ------------------------------------------------------------------------------
 
 def _tempered(probs, temperature: float):
+    import tensorflow as tf
+
     if temperature == 1.0:
         return probs
     logits = tf.math.log(tf.clip_by_value(probs, 1e-7, 1.0)) / temperature
@@ -150,6 +228,8 @@ def _tempered(probs, temperature: float):
 
 def distillation_loss(teacher_probs, student_probs, labels, weight: float = 1.0, temperature: float = 1.0):
     """weight x KL(teacher || student) (at `temperature`, scaled by T^2) + (1 - weight) x label CE."""
+    import tf_keras as keras
+
     kl = keras.losses.KLDivergence()(_tempered(teacher_probs, temperature), _tempered(student_probs, temperature))
     loss = weight * kl * temperature ** 2
     if weight < 1.0:
@@ -158,6 +238,9 @@ def distillation_loss(teacher_probs, student_probs, labels, weight: float = 1.0,
 
 
 def make_train_step(student: keras.Model, teacher: keras.Model, optimizer, settings: dict):
+    import tensorflow as tf
+    import tf_keras as keras
+
     label_loss = keras.losses.SparseCategoricalCrossentropy()
     variables = trainable_variables(student)
 
@@ -201,8 +284,8 @@ def start_point(run: Run, teacher: keras.Model, settings: dict) -> keras.Model:
     calibration images): QAT then only has to repair what activation rounding adds."""
     if not settings["freeze_bn"]:
         return teacher
-    from quantize.export import calibration_batches, calibration_items
-    from quantize.rounding import reconstruct_weights
+    from .export import calibration_batches, calibration_items
+    from .rounding import reconstruct_weights
 
     chosen = calibration_items(run.sides()["train"], int(run.config["export"]["calibration_images"]), int(run.config["seed"]))
     rounded, _ = reconstruct_weights(teacher, calibration_batches(chosen, run.prep))
@@ -211,6 +294,12 @@ def start_point(run: Run, teacher: keras.Model, settings: dict) -> keras.Model:
 
 def run_qat(run: Run, settings: dict, resume: bool = False, quiet: bool = True) -> dict:
     """Fine-tune, checkpoint every epoch, and write models/qat.keras (atomically) from the best epoch."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from oncolite.train.data import image_errors, load_arrays, make_dataset
+    from oncolite.train.model import flatten, load_float_model
+
     float_path = run.models / "float.keras"
     state_dir = run.models / STATE_DIR
     state_path = state_dir / "state.json"
@@ -305,6 +394,7 @@ def _read_state(path: Path, source_sha: str, settings: dict) -> dict:
 
 def main(args) -> int:
     run = open_run(args.run_dir)
+    run.config = with_overrides(run.config, args.set, "qat")
     settings = qat_settings(run.config, epochs=args.epochs, lr=args.lr)
     summary = run_qat(run, settings, resume=args.resume, quiet=args.quiet or args.json)
     if args.json:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+import oncolite.train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tf_keras as keras
 

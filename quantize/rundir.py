@@ -10,9 +10,9 @@ from pathlib import Path
 
 from edge_runtime.errors import OncoliteError
 from edge_runtime.preprocess import Preprocessing
-from train.config import preprocessing
-from train.manifest import load_manifest
-from train.train import read_run_config
+from oncolite.train.config import preprocessing
+from oncolite.train.manifest import load_manifest
+from oncolite.train.train import read_run_config
 
 
 @dataclass
@@ -49,7 +49,7 @@ def open_run(run_dir: str | Path) -> Run:
     for name in ("config.json", "manifest.json"):
         if not (path / name).exists():
             raise OncoliteError(f"{path / name}: missing; train a float model into this run directory first "
-                                "(oncolite train --run RUN_DIR)")
+                                "(oncolite train RUN_DIR --manifest M)")
     config, provenance = read_run_config(path)
     return Run(path=path, config=config, manifest=load_manifest(path / "manifest.json"), prep=preprocessing(config),
                fold=provenance.get("fold"))

@@ -323,7 +323,7 @@ def wrong_label_models(folder, plain: bytes, labels: list[str]) -> list[Sample]:
 def manifest_with_missing_file(folder, labels=("benign", "malignant")) -> tuple[Path, str]:
     """A valid manifest over 4 images, then one image deleted. Returns (manifest, missing relative path)."""
     from edge_runtime.hashing import file_sha256
-    from train.manifest import write_manifest
+    from oncolite.train.manifest import write_manifest
 
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,13 @@
 """Raspberry Pi check: `edge_runtime predict` inside an arm64 Debian userland (qemu) gives the
 same int8 outputs as on x86, bit for bit.
 
-Uses ../shared/tools/pi-rootfs (built once, as root, by its `build` script). ai-edge-litert runs
-with its default resolver (XNNPACK, bit-identical across CPUs); tflite-runtime 2.14 only with
-the reference kernels, because under qemu its optimized paths crash (an emulation limit: it runs
-on real Pis). Skips, saying why, where the userland is not built, not root, or no binfmt.
+Uses the project's own scripts/pi-rootfs (its `build`, run once as root, makes the userland in
+$ONCOLITE_PI_ROOTFS, default /var/tmp/pi-rootfs). ai-edge-litert runs with its default resolver
+(XNNPACK, bit-identical across CPUs); tflite-runtime 2.14 only with the reference kernels,
+because under qemu its optimized paths crash (an emulation limit: it runs on real Pis). Skips, saying why, where the userland is not built, not root, or no binfmt.
 
 Documented command (from the project's root):
-    ../shared/tools/pi-rootfs/run --env litert -- python -m edge_runtime predict MODEL.tflite IMG.png --json
+    scripts/pi-rootfs/run --env litert -- python -m edge_runtime predict MODEL.tflite IMG.png --json
 """
 
 import json
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.arm64
 
 REPO = Path(__file__).resolve().parent.parent
 ROOTFS = Path(os.environ.get("ONCOLITE_PI_ROOTFS", "/var/tmp/pi-rootfs"))
-TOOLS = Path(os.environ.get("ONCOLITE_PI_TOOLS", REPO.parent / "shared" / "tools" / "pi-rootfs"))
+TOOLS = REPO / "scripts" / "pi-rootfs"
 # env -> (backend inside the userland, resolver that is bit-identical across CPUs for it)
 ENVS = {"litert": ("ai-edge-litert", "default"), "tflite": ("tflite-runtime", "reference")}
 INTERPRETER_MODULE = {"litert": "ai_edge_litert.interpreter", "tflite": "tflite_runtime.interpreter"}
@@ -39,10 +39,9 @@ def reason_to_skip(env: str) -> str | None:
         return "arm64 emulation needs Linux (binfmt_misc + qemu-user)"
     if os.geteuid() != 0:
         return "needs root (chroot, bind mounts, binfmt registration)"
-    if not (TOOLS / "run").is_file():
-        return f"{TOOLS}/run not found (set ONCOLITE_PI_TOOLS)"
     if not (ROOTFS / "opt" / env / "bin" / "python").exists():
-        return f"{ROOTFS}/opt/{env} not built; run `{TOOLS}/build` as root once (~10 min)"
+        return (f"{ROOTFS}/opt/{env} not built; run `{TOOLS}/build` as root once (~10 min), "
+                "or set ONCOLITE_PI_ROOTFS to where it is")
     binfmt = subprocess.run([str(TOOLS / "binfmt")], capture_output=True, text=True)
     if binfmt.returncode != 0 or not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
         return f"qemu-aarch64 binfmt not registered ({(binfmt.stderr or binfmt.stdout).strip()[-200:]})"

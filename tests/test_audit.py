@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.near_duplicates import run as run_near_duplicate_benchmark
+from oncolite.benchmarks.near_duplicates import run as run_near_duplicate_benchmark
 from oncolite.cli import main as oncolite
 from tests.datatrees import breakhis_tree, folder_tree, idc_tree, near_copy, noise, save, write_folds_csv
-from train.audit import audit_dataset, report
-from train.datasets import load_dataset
-from train.duplicates import near_duplicate_pairs, pack_hashes
+from oncolite.train.audit import audit_dataset, report
+from oncolite.train.datasets import load_dataset
+from oncolite.train.duplicates import near_duplicate_pairs, pack_hashes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,13 +52,13 @@ def test_parallel_hashing_gives_the_same_groups(tmp_path):
 
 def test_cli_writes_json_markdown_png_and_its_command(planted, tmp_path, capsys):
     out = tmp_path / "report"
-    assert oncolite(["audit", str(planted), "--out", str(out), "--threshold", "4", "--json"]) == 0
+    assert oncolite(["audit", str(planted), "--out", str(out), "--hash-distance", "4", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["conflicts"] == 1 and summary["unreadable"] == 2
     rep = json.loads((out / "audit.json").read_text())
     assert rep["settings"]["threshold"] == 4
     md = (out / "audit.md").read_text()
-    assert f"oncolite audit {planted} --out {out} --threshold 4" in md.split("## Classes")[0]
+    assert f"oncolite audit {planted} --out {out} --hash-distance 4" in md.split("## Classes")[0]
     assert (out / "intensity.png").read_bytes()[:4] == b"\x89PNG"
 
 

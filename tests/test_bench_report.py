@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import devices, report as report_mod
-from benchmarks.benchmark import find_models, model_preprocessing, parse_threads, usable_threads
-from benchmarks.report import validate_report
+from oncolite.benchmarks import devices, report as report_mod
+from oncolite.benchmarks.benchmark import find_models, model_preprocessing, parse_threads, usable_threads
+from oncolite.benchmarks.report import validate_report
 from edge_runtime.atomic import write_json
 from oncolite.cli import main as oncolite
-from train.config import load_config
+from oncolite.train.config import load_config
 
 LABELS = ["benign", "malignant", "normal"]
 # The run's config section `oncolite benchmark` falls back to when no timing flag is given.
@@ -102,6 +102,77 @@ def test_markdown_and_plots_are_written(tiny_run, benchmarked):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def section(md: str, heading: str) -> list[str]:
+    """The lines under a report.md heading, up to the next heading."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("#") and heading in line)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("#")), len(lines))
+    return lines[start + 1:end]
+
+
+def row(lines: list[str], *cells: str) -> str:
+    return next(line for line in lines if line.startswith("| " + " | ".join(cells) + " |"))
+
+
+def test_markdown_renders_every_timing_from_the_json(tiny_run, benchmarked):
+    """Issue 17's timings in report.md, each value the JSON's: the CPU's int8 features, the float
+    model's ways of calling with speed-ups against the fastest, batch throughput, the image-to-
+    answer split with its bound; and why the browser was not timed (no variant it can run)."""
+    _, report = benchmarked
+    md = (tiny_run / "benchmark" / "report.md").read_text()
+    v = report["variants"]
+    if "int8_features" in report["machine"]:
+        assert f"- int8 features: {report['machine']['int8_features']}" in md
+
+    modes, fastest = v["keras_float"]["keras_modes"]["1"], v["keras_float"]["keras_mode"]["1"]
+    calls = section(md, "ways of calling")
+    cells = [report_mod.fmt(modes[m]["inference_ms"]["p50"], 2) if "inference_ms" in modes[m] else "failed:"
+             for m in report_mod.KERAS_MODES]
+    line = row(calls, "1")
+    assert all(c in line for c in cells) and line.endswith(f"| {report_mod.KERAS_MODES[fastest]} |")
+    # The fastest way is the reference: the float model's own latency is that way's.
+    assert v["keras_float"]["latency_ms"]["1"] == modes[fastest]["inference_ms"]
+    for name in ("tflite_fp32", "tflite_int8_ptq"):
+        assert row(calls, name) == (f"| {name} | {v[name]['speedup_vs_keras']['1']:.2f}× | "
+                                    f"{v[name]['speedup_vs_keras_eager']['1']:.2f}× |")
+
+    batch = section(md, "Batch-32 throughput")
+    for name in ("keras_float", "tflite_fp32", "tflite_int8_ptq"):
+        b = v[name]["batch"]["1"]
+        line = row(batch, name, "1")
+        assert f"| {v[name]['throughput_per_s']['1']:.1f} |" in line
+        assert (f"| {b['images_per_s']:.1f} |" if b["supported"] else f"not supported: {b['reason']}") in line
+
+    stages = section(md, "Image to answer")
+    assert v["tflite_int8_ptq"]["kind"] == "integer" and v["tflite_fp32"]["kind"] == "float"
+    for name in ("tflite_fp32", "tflite_int8_ptq"):
+        st = v[name]["stages_ms"]["1"]
+        ratio = st["image_to_answer_over_invoke"]
+        expected = [st["input_path"], *(f"{st[k]['p50']:.3f}" for k in report_mod.STAGE_NAMES),
+                    f"{st['image_to_answer']['p50']:.3f}", f"{ratio:.2f}×"]
+        line = row(stages, name, "1")
+        assert line.startswith(f"| {name} | 1 | " + " | ".join(expected) + " | "), line
+        verdict = ("met" if ratio <= report_mod.IMAGE_TO_ANSWER_BOUND else "**not met**") if name == "tflite_int8_ptq" \
+            else "— (not an integer model)"
+        assert line.endswith(f"| {verdict} |")
+
+    browser = report["browser"]
+    assert set(browser["refused"]) == {"tflite_fp32", "tflite_int8_ptq"}  # dynamic batch; int8 I/O
+    assert "int8_uint8" in browser["skipped"] and "int8_uint8" in browser["refused"]["tflite_int8_ptq"]
+    assert f"Not measured: {browser['skipped']}." in section(md, "In the browser")
+
+
+def test_the_bound_and_failed_ways_are_said(benchmarked):
+    """The renderings a quiet tiny run does not produce: a ratio over the bound, XLA refusing."""
+    _, report = benchmarked
+    report = copy.deepcopy(report)
+    report["variants"]["tflite_int8_ptq"]["stages_ms"]["1"]["image_to_answer_over_invoke"] = 2.0
+    report["variants"]["keras_float"]["keras_modes"]["1"]["xla"] = {"error": "XLA compilation refused"}
+    md = report_mod.markdown(report)
+    assert row(section(md, "Image to answer"), "tflite_int8_ptq", "1").endswith("| 2.00× | **not met** |")
+    assert "failed: XLA compilation refused" in row(section(md, "ways of calling"), "1")
+
+
 def test_validate_report_names_what_is_wrong(benchmarked):
     _, report = benchmarked
     broken = copy.deepcopy(report)
@@ -127,7 +198,7 @@ def test_a_malformed_report_is_refused_before_anything_is_written(benchmarked, t
 
 def test_a_cv_fold_run_is_benchmarked_on_its_own_test_side(tmp_path):
     run = make_tiny_run(tmp_path / "fold1", fold=1)
-    # --threads none wins over the config's [1]
+    # --threads none (the old spelling of --no-timing) wins over the config's [1]
     assert oncolite(["benchmark", str(run), "--threads", "none", "--bootstrap", "20", "--quiet"]) == 0
     report = json.loads((run / "benchmark" / "report.json").read_text())
     assert report["split"]["fold"] == report["split"]["test_fold"] == 1
@@ -190,7 +261,7 @@ def test_atomic_temporaries_left_by_a_kill_are_not_models(tiny_run):
 
 
 def test_threads_are_capped_at_the_cores(monkeypatch):
-    monkeypatch.setattr("benchmarks.benchmark.available_cores", lambda: 2)
+    monkeypatch.setattr("oncolite.benchmarks.benchmark.available_cores", lambda: 2)
     assert parse_threads("1,2,4") == [1, 2]
     assert parse_threads("none") == []
     assert parse_threads("8") == [1]
@@ -259,7 +330,7 @@ def test_timing_subprocesses_run_where_the_user_is(tmp_path, monkeypatch):
     working directory (it used to run in the repository and lost every latency figure)."""
     import sys
 
-    from benchmarks.benchmark import run_json
+    from oncolite.benchmarks.benchmark import run_json
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "here.txt").write_text("x")

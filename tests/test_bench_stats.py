@@ -5,7 +5,7 @@ from math import comb
 import numpy as np
 import pytest
 
-from benchmarks import stats
+from oncolite.benchmarks import stats
 
 
 def _pairs(only_ref: int, only_other: int, both: int = 5):
@@ -68,7 +68,7 @@ def test_probability_difference_and_per_class_deltas():
 
 
 def test_pooled_cv_counts_every_held_out_image_once_with_flips_and_the_uncertain_band():
-    from benchmarks.pooled import flipped_images, pool
+    from oncolite.benchmarks.pooled import flipped_images, pool
 
     labels = ["a", "b", "c"]
 
@@ -93,8 +93,8 @@ def test_pooled_cv_counts_every_held_out_image_once_with_flips_and_the_uncertain
 
 
 def test_benchmark_markdown_lists_each_flipped_image():
-    from benchmarks.pooled import flipped_images
-    from benchmarks.report import flipped_table
+    from oncolite.benchmarks.pooled import flipped_images
+    from oncolite.benchmarks.report import flipped_table
 
     fold = {"labels": ["a", "b"], "images": ["x.png", "y.png"], "y": [0, 1],
             "probs": {"keras_float": [[0.9, 0.1], [0.2, 0.8]], "tflite_int8": [[0.4, 0.6], [0.2, 0.8]]},

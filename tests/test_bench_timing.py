@@ -97,12 +97,12 @@ def test_bare_tflite_is_benched_with_given_labels(tmp_path, images, capsys):
 
 
 def test_keras_timing_has_every_way_of_calling_and_batch(tmp_path, images):
-    from benchmarks.latency import MODES
+    from oncolite.benchmarks.latency import MODES
 
     path = tmp_path / "float.keras"
     edge_models.keras_model().save(path)
     prep = json.dumps(edge_models.PREP.to_dict())
-    done = subprocess.run([sys.executable, "-m", "benchmarks.latency", str(path), *images, "--prep", prep,
+    done = subprocess.run([sys.executable, "-m", "oncolite.benchmarks.latency", str(path), *images, "--prep", prep,
                            "--runs", "2", "--warmup", "1", "--batch", "4"],
                           capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
                           timeout=600)
@@ -113,3 +113,33 @@ def test_keras_timing_has_every_way_of_calling_and_batch(tmp_path, images):
         assert ("inference_ms" in result) != ("error" in result)
     assert r["inference_ms"] == r["modes"][r["mode"]]["inference_ms"]
     assert r["batch"]["batch"] == 4 and r["batch"]["images_per_s"] > 0 and r["batch"]["mode"] == r["mode"]
+
+
+@pytest.mark.parametrize("variant", ["int8", "uint8", "fp32"])
+def test_predict_the_server_and_the_bench_share_one_input_path(tmp_path, images, variant, monkeypatch):
+    """The bench's decode+resize and quantize stages are EdgeModel.input_tensor split in two, the
+    very path predict and the server run: uint8 pixels to the tensor, equal to the float path."""
+    from edge_runtime.bench import time_stages
+    from edge_runtime.model import EdgeModel
+    from edge_runtime.predict import classify
+
+    model = EdgeModel.load(edge_models.model_file(tmp_path, variant))
+    for image in images:
+        assert np.array_equal(model.input_tensor(image), model.quantize_input(model.prepare(image)[None]))
+    seen = []
+    through = EdgeModel.input_from_pixels
+    monkeypatch.setattr(EdgeModel, "input_from_pixels", lambda self, pixels: seen.append(pixels.copy()) or through(self, pixels))
+    classify(model, images[0], top_k=1)
+    model.predict_file(images[0])
+    time_stages(model, images[:1], warmup=0, runs=1)
+    assert len(seen) == 3 and all(np.array_equal(pixels, seen[0]) for pixels in seen)
+
+
+def test_the_shipped_int8_model_takes_pixels_without_arithmetic():
+    """mean = std = 128 and input scale 1/128: the int8 input is p - 128, a bit flip, no float."""
+    from edge_runtime.model import EdgeModel
+
+    shipped = REPO / "models" / "busi" / "int8.tflite"
+    if not shipped.is_file():
+        pytest.skip(f"{shipped} not in this checkout")
+    assert PixelInput.for_model(EdgeModel.load(shipped)).kind == "xor128"

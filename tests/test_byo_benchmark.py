@@ -50,7 +50,7 @@ def test_float_and_bare_tflite_files_on_a_folder(setup, capsys):
     fp32 = bare_tflite(model, root / "plain_fp32.tflite", int8=False)
     int8 = bare_tflite(model, root / "plain_int8.tflite", int8=True)
     assert benchmark("--float", root / "mine.h5", fp32, int8, "--data", data, "--labels", ",".join(LABELS),
-                     "--threads", "none", "--bootstrap", "20", "--json") == 0
+                     "--no-timing", "--bootstrap", "20", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     v = report["variants"]
     assert {"keras_float", "tflite_plain_fp32", "tflite_plain_int8", "majority_baseline"} <= set(v)
@@ -67,7 +67,7 @@ def test_missing_images_get_a_one_line_reason(setup, capsys):
     root, data, model = setup
     # The folder gives the labels: a bare model is read with them.
     fp32 = bare_tflite(model, root / "plain2.tflite", int8=False)
-    assert benchmark("--float", root / "mine.h5", fp32, "--threads", "none") == 2
+    assert benchmark("--float", root / "mine.h5", fp32, "--no-timing") == 2
     err = capsys.readouterr().err.strip()
     assert "--data DIR" in err and len(err.splitlines()) == 1
 
@@ -88,7 +88,8 @@ def test_exported_int8_with_timing_and_a_saved_model(setup, tmp_path, capsys):
     assert benchmark("--float", saved, int8, "--data", data, "--threads", "1", "--runs", "2", "--warmup", "1",
                      "--bootstrap", "20", "--out", tmp_path / "bench", *norm) == 0
     text = capsys.readouterr().out
-    assert "cpu:" in text and "speed-ups are against" in text and "image to answer" in text
+    # report.md, printed: the CPU's int8 features, the float model's ways of calling, the split.
+    assert "- int8 features: " in text and "× faster than fastest float @1" in text and "### Image to answer" in text
     report = json.loads((tmp_path / "bench" / "benchmark" / "report.json").read_text())
     f, q = report["variants"]["keras_float"], report["variants"]["tflite_int8_ptq"]
     assert f["keras_mode"]["1"] in ("eager", "tf_function", "xla") and "eager" in f["keras_modes"]["1"]

@@ -156,7 +156,7 @@ def test_lambda_layer_gets_a_one_line_reason(tmp_path, data, capsys):
 
 
 def test_folder_halves_are_disjoint_and_stratified(data):
-    from quantize.byo import folder_data
+    from oncolite.quantize.byo import folder_data
 
     split = folder_data(data, seed=3).sides()
     train, val = {it["path"] for it in split["train"]}, {it["path"] for it in split["val"]}

@@ -6,7 +6,7 @@ import pytest
 from edge_runtime.idc import parse_idc_name
 from tests.datatrees import (BREAKHIS_PATIENTS, breakhis_path, breakhis_tree, busi_tree, folder_tree, idc_tree, noise,
                              save, write_folds_csv)
-from train.datasets import LAYOUTS, DatasetError, detect_layout, load_dataset, parse_breakhis_name
+from oncolite.train.datasets import LAYOUTS, DatasetError, detect_layout, load_dataset, parse_breakhis_name
 
 
 def test_class_folders_at_any_depth(tmp_path):

@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, matthews_corrcoef, roc_auc_score
 from edge_runtime.atomic import write_bytes, write_json
 from edge_runtime.preprocess import Preprocessing, preprocess
 from oncolite.cli import main as oncolite
-from train import metrics
+from oncolite.train import metrics
 
 SIZE = 16
 PREP = Preprocessing(height=SIZE, width=SIZE)
@@ -171,7 +171,7 @@ def test_keras_run_dir_target_sensitivity_is_chosen_on_val_and_applied_unchanged
 
 
 def test_predict_items_equals_the_model_on_preprocessed_images(binary_run):
-    from train.evaluate import predict_items
+    from oncolite.train.evaluate import predict_items
 
     b = binary_run
     tests = [{**item, "path": str(b["folder"] / item["path"])} for item in b["items"] if item["split"] == "test"]

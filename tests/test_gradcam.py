@@ -10,8 +10,8 @@ import pytest
 from edge_runtime.cli import dispatch
 from edge_runtime.preprocess import Preprocessing, preprocess
 from test_train import PRETRAINED, planted_image, planted_manifest
-from train.config import load_config
-from train.manifest import load_manifest
+from oncolite.train.config import load_config
+from oncolite.train.manifest import load_manifest
 
 QUADRANTS = ("tl", "tr", "bl", "br")
 # "square": a bright square in a random quadrant; "none": noise only. The class evidence is the
@@ -21,7 +21,7 @@ SQUARE_OR_NOT = {"none": lambda rng: None, "square": lambda rng: QUADRANTS[rng.i
 
 @pytest.fixture(scope="module")
 def square_run(tmp_path_factory):
-    from train.train import train_run
+    from oncolite.train.train import train_run
 
     folder = tmp_path_factory.mktemp("gradcam")
     manifest = load_manifest(planted_manifest(folder, SQUARE_OR_NOT, counts=(40, 12, 0)))
@@ -42,7 +42,7 @@ def quadrant_heat(heatmap: np.ndarray) -> dict:
 @pytest.mark.parametrize("quadrant", QUADRANTS)
 def test_heatmap_peaks_in_the_planted_quadrant(square_run, quadrant):
     import tf_keras as keras
-    from train.gradcam import gradcam
+    from oncolite.train.gradcam import gradcam
 
     model = keras.models.load_model(square_run / "run" / "models" / "float.keras", safe_mode=True)
     image = square_run / f"probe_{quadrant}.png"
@@ -62,10 +62,11 @@ def test_explain_cli_writes_the_overlay(square_run, capsys):
     image = square_run / "probe_cli.png"
     planted_image(image, "tr", np.random.default_rng(3))
     out = square_run / "explained.png"
-    code = dispatch("oncolite", COMMANDS, ["explain", str(image), "--run", str(square_run / "run"), "--out", str(out), "--json"])
+    code = dispatch("oncolite", COMMANDS, ["explain", str(square_run / "run"), str(image), "--out", str(out), "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["label"] == "square" and result["out"] == str(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The old spelling, IMAGE --run RUN_DIR, still works (here up to the layer it refuses).
     bad = dispatch("oncolite", COMMANDS, ["explain", str(image), "--run", str(square_run / "run"), "--layer", "nope"])
     assert bad == 2

@@ -26,7 +26,7 @@ from edge_runtime.idc import IDC_POSITIVE, parse_idc_name
 from edge_runtime.metadata import read_metadata
 from edge_runtime.model import EdgeModel
 from edge_runtime.slidemap import HEADER, PATCH_SIZE
-from train.metrics import choose_threshold
+from oncolite.train.metrics import choose_threshold
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,7 @@
 """Standard TFLite metadata: written by edge_runtime.metadata, read back, and read by MediaPipe."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -90,37 +91,52 @@ def _zip_start(model: bytes) -> int:
         return min(i.header_offset for i in archive.infolist())
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_UINT8 = REPO_ROOT / "models" / "busi" / "int8_uint8.tflite"
+BUSI = REPO_ROOT / "data" / "busi"
+MEDIAPIPE_VENV = REPO_ROOT / ".venv-mediapipe" / "bin" / "python"
+
+# Run by MediaPipe's own Python: every category's score per image, as JSON Lines.
 MEDIAPIPE_CHECK = """
-import sys, numpy as np
-from PIL import Image
+import json, sys
 import mediapipe as mp
 from mediapipe.tasks.python import vision
 from mediapipe.tasks.python.core.base_options import BaseOptions
 model, *images = sys.argv[1:]
-options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=model), max_results=1)
+options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=model), max_results=-1)
 with vision.ImageClassifier.create_from_options(options) as classifier:
     for path in images:
-        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)
-        result = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=pixels))
-        print(result.classifications[0].categories[0].category_name)
+        result = classifier.classify(mp.Image.create_from_file(path))
+        print(json.dumps({c.category_name: c.score for c in result.classifications[0].categories}))
 """
 
 
 def _mediapipe_python() -> str | None:
-    """This interpreter if it has mediapipe, else $ONCOLITE_MEDIAPIPE_PYTHON: mediapipe needs
-    absl-py 2 and tfmot absl-py 1, so it usually lives in a venv of its own."""
-    try:
-        import mediapipe  # noqa: F401
+    """This interpreter if it has mediapipe, else $ONCOLITE_MEDIAPIPE_PYTHON, else the repo's
+    .venv-mediapipe (scripts/test makes it): mediapipe needs absl-py 2 and tfmot absl-py 1, so
+    it usually lives in a venv of its own."""
+    import importlib.util
 
+    if importlib.util.find_spec("mediapipe") is not None:
         return sys.executable
-    except ImportError:
-        return os.environ.get("ONCOLITE_MEDIAPIPE_PYTHON")
+    return os.environ.get("ONCOLITE_MEDIAPIPE_PYTHON") or (str(MEDIAPIPE_VENV) if MEDIAPIPE_VENV.is_file() else None)
+
+
+def mediapipe_scores(tmp_path, model_path, images) -> list[dict]:
+    """{label: score} per image from MediaPipe Tasks' ImageClassifier, in a process of its own."""
+    python = _mediapipe_python()
+    if not python:
+        pytest.skip(f"mediapipe not importable here and no {MEDIAPIPE_VENV}: run `bash scripts/test` (it makes "
+                    "that venv) or set ONCOLITE_MEDIAPIPE_PYTHON to a Python that has mediapipe")
+    script = tmp_path / "mediapipe_check.py"
+    script.write_text(MEDIAPIPE_CHECK)
+    done = subprocess.run([python, str(script), str(model_path), *map(str, images)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
 def test_mediapipe_image_classifier_reads_our_metadata(tmp_path):
-    python = _mediapipe_python()
-    if not python:
-        pytest.skip("mediapipe not importable here; set ONCOLITE_MEDIAPIPE_PYTHON to a Python that has it")
     from edge_models import model_file
     from edge_runtime.model import EdgeModel
 
@@ -129,9 +145,40 @@ def test_mediapipe_image_classifier_reads_our_metadata(tmp_path):
     images = write_images(tmp_path / "images", n=4, size=PREP.width)
     ours = EdgeModel.load(model_path)
     expected = [ours.labels[ours.decide(ours.predict_file(p))] for p in images]
-    script = tmp_path / "mediapipe_check.py"
-    script.write_text(MEDIAPIPE_CHECK)
-    done = subprocess.run([python, str(script), str(model_path), *map(str, images)], capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == expected  # label names come from our labels.txt
+    shown = mediapipe_scores(tmp_path, model_path, images)
+    assert [max(s, key=s.get) for s in shown] == expected  # label names come from our labels.txt
+
+
+def test_mediapipe_agrees_with_our_runtime_on_the_shipped_uint8_model(tmp_path):
+    """The shipped int8_uint8 model, as an Android app would open it with MediaPipe Tasks, on BUSI
+    scans of every class: the same top-1 as our edge runtime, probabilities within two output
+    quantization steps (2/256: MediaPipe reports the dequantized softmax as it is, our runtime
+    renormalizes it to sum to 1, which moves a value by at most the sum's rounding, a step or two).
+    Both get the same pixels: each scan resized by our preprocessing and saved losslessly at the
+    model's input size, since MediaPipe's own resize (bilinear, no antialiasing) is not Pillow's."""
+    from PIL import Image
+
+    from edge_runtime.model import EdgeModel
+    from edge_runtime.preprocess import input_pixels
+
+    if not SHIPPED_UINT8.is_file():
+        pytest.skip(f"{SHIPPED_UINT8} not in this checkout")
+    model = EdgeModel.load(SHIPPED_UINT8)
+    scans = [p for label in model.labels for p in sorted((BUSI / label).glob("*.png"))[::60][:4]]
+    if len(scans) < 3 * len(model.labels):
+        pytest.skip(f"{BUSI}: the BUSI scans are not in this checkout")
+    images, ours = [], []
+    for i, scan in enumerate(scans):
+        pixels = input_pixels(scan, model.prep)
+        images.append(tmp_path / f"scan{i}.png")
+        Image.fromarray(pixels).save(images[-1])
+        ours.append(model.run(model.input_from_pixels(pixels)))
+    shown = mediapipe_scores(tmp_path, SHIPPED_UINT8, images)
+    theirs = np.array([[s[label] for label in model.labels] for s in shown])
+    ours = np.array(ours)
+    step = model.output.scale
+    assert theirs.shape == ours.shape
+    assert list(theirs.argmax(1)) == [model.decide(p) for p in ours]
+    assert len(set(ours.argmax(1))) == len(model.labels)  # every class answered: the comparison covers each
+    print(f"MediaPipe vs edge runtime on {len(scans)} BUSI scans: top-1 equal, max |Δp| {np.abs(theirs - ours).max():.5f}")
+    assert np.abs(theirs - ours).max() <= 2 * step, (np.abs(theirs - ours).max(), step)

@@ -8,7 +8,7 @@ from sklearn.metrics import (accuracy_score, average_precision_score, balanced_a
                              confusion_matrix, f1_score, matthews_corrcoef, precision_score, recall_score,
                              roc_auc_score)
 
-from train import metrics
+from oncolite.train import metrics
 
 LABELS3 = ["benign", "malignant", "normal"]
 

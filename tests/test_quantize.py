@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import train  # noqa: F401
+import oncolite.train  # noqa: F401
 import tf_keras as keras
 
 from edge_runtime.atomic import write_json
 from edge_runtime.metadata import read_metadata
-from quantize import checks
-from quantize.export import calibration_items, export_variants
-from quantize.rundir import open_run
-from train.config import load_config
-from train.model import build_classifier, flatten, is_flat
+from oncolite.quantize import checks
+from oncolite.quantize.export import calibration_items, export_variants
+from oncolite.quantize.rundir import open_run
+from oncolite.train.config import load_config
+from oncolite.train.model import build_classifier, flatten, is_flat
 
 SIZE = 32
 LABELS = ["benign", "malignant", "normal"]
@@ -59,7 +59,7 @@ def run_dir(tmp_path_factory):
                                     "export": {"calibration_images": 12, "gate": 0.25}})
     write_json(root / "config.json", {**config, "run": {"fold": None}})
     run = open_run(root)
-    from train.data import load_arrays
+    from oncolite.train.data import load_arrays
 
     keras.utils.set_random_seed(0)
 
@@ -165,7 +165,7 @@ def test_a_threshold_chosen_after_an_export_is_exported(run_dir, exported):
 
 
 def test_an_int8_export_with_float_ops_is_refused_before_it_is_written(run_dir, exported, monkeypatch):
-    from quantize import export
+    from oncolite.quantize import export
 
     models = run_dir / "models"
     before = {p.name: p.read_bytes() for p in models.glob("int8_ptq.*")}
@@ -199,8 +199,8 @@ def test_the_input_grid_is_exact_for_uint8_pixels(run_dir, exported):
 def test_shipped_int8_is_the_most_faithful_candidate(run_dir, exported):
     """`int8` is never less faithful on validation than plain PTQ of the same run: it is the
     candidate with the highest validation agreement (then the smallest mean |Δp|)."""
-    from quantize.export import Validation, choose_int8
-    from train.model import load_float_model
+    from oncolite.quantize.export import Validation, choose_int8
+    from oncolite.train.model import load_float_model
 
     run = open_run(run_dir)
     chosen = calibration_items(run.sides()["train"], 12, 0)
@@ -228,7 +228,7 @@ def test_shipped_int8_is_the_most_faithful_candidate(run_dir, exported):
 
 
 def test_choose_int8_prefers_agreement_then_the_smaller_probability_change():
-    from quantize.export import choose_int8
+    from oncolite.quantize.export import choose_int8
 
     assert choose_int8({"int8_ptq": {"agreement": 0.9, "mean_abs_prob_diff": 0.01},
                         "int8_qat": {"agreement": 0.95, "mean_abs_prob_diff": 0.05}}) == "int8_qat"
@@ -254,7 +254,7 @@ def test_uncertain_band_covers_every_validation_flip():
 
 
 def test_gate_report_int8_agrees_with_float(run_dir, exported):
-    from quantize.debug import gate_report
+    from oncolite.quantize.debug import gate_report
 
     report = gate_report(open_run(run_dir), exported, gate=0.01)
     assert report["variants"]["fp32"]["agreement"] == 1.0
@@ -263,7 +263,7 @@ def test_gate_report_int8_agrees_with_float(run_dir, exported):
 
 
 def test_qat_resume_and_int8_qat_export(run_dir):
-    from quantize.qat import qat_settings, run_qat
+    from oncolite.quantize.qat import qat_settings, run_qat
 
     run = open_run(run_dir)
     # epochs=0: settle the ranges only, as if killed before the first epoch ended
@@ -303,8 +303,8 @@ def test_selective_names_are_checked_and_the_suggested_command_pastes(run_dir, e
     import shlex
 
     from edge_runtime.errors import OncoliteError
-    from quantize.debug import gate_report
-    from quantize.export import check_tensor_names, representative_dataset
+    from oncolite.quantize.debug import gate_report
+    from oncolite.quantize.export import check_tensor_names, representative_dataset
 
     run = open_run(run_dir)
     chosen = calibration_items(run.sides()["train"], 12, 0)

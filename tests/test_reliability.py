@@ -417,7 +417,7 @@ def test_audit_keeps_the_images_beside_a_self_looping_symlink(tmp_path):
 
 
 def test_split_leaves_bad_files_out_of_the_manifest(corpus, tmp_path):
-    from train.manifest import load_manifest
+    from oncolite.train.manifest import load_manifest
 
     expected = dataset_tree(tmp_path / "data", corpus)
     out = tmp_path / "manifest.json"
@@ -435,7 +435,7 @@ def test_split_leaves_bad_files_out_of_the_manifest(corpus, tmp_path):
 # ---------------------------------------------------------------- manifests and train data
 
 def test_manifest_with_a_missing_file_is_refused_naming_it(tmp_path):
-    from train.manifest import load_manifest
+    from oncolite.train.manifest import load_manifest
 
     manifest, missing = badinputs.manifest_with_missing_file(tmp_path)
     with pytest.raises(ManifestError) as caught:
@@ -452,7 +452,7 @@ def test_train_on_a_manifest_with_a_missing_file_exits_2_with_one_line(tmp_path)
 
 
 def test_manifest_whose_file_was_replaced_is_refused_naming_it(tmp_path):
-    from train.manifest import load_manifest
+    from oncolite.train.manifest import load_manifest
 
     manifest, _ = badinputs.manifest_with_missing_file(tmp_path)
     badinputs.noise_png(tmp_path / "images" / "img2.png", seed=2)  # restore the missing one
@@ -471,7 +471,7 @@ def _items(tmp_path: Path, bad_bytes: bytes) -> list[dict]:
 
 
 def test_train_arrays_name_an_unreadable_file(tmp_path):
-    from train.data import load_arrays
+    from oncolite.train.data import load_arrays
 
     items = _items(tmp_path, b"")
     with pytest.raises(OncoliteError, match="img1.png"):
@@ -480,7 +480,7 @@ def test_train_arrays_name_an_unreadable_file(tmp_path):
 
 def test_train_pipeline_names_a_file_that_became_unreadable(tmp_path):
     """Training and evaluation iterate datasets inside image_errors() (train/train.py, quantize/qat.py)."""
-    from train.data import image_errors, make_dataset
+    from oncolite.train.data import image_errors, make_dataset
 
     items = _items(tmp_path, b"truncated after the manifest was made")
     ds = make_dataset(items, LABELS, Preprocessing(height=8, width=8), batch_size=2, cache=False)

@@ -25,7 +25,7 @@ from edge_runtime.atomic import write_bytes, write_json, write_text
 from edge_runtime.cli import main
 from edge_runtime.errors import OncoliteError
 from edge_runtime.model import EdgeModel
-from edge_runtime.predict import read_done
+from edge_runtime.predict import read_done, resume_key
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -113,7 +113,7 @@ def test_a_killed_run_resumes_where_it_stopped(fmt, model, tmp_path):
     assert sorted(after) == sorted(str(p) for p in good)  # each good image exactly once
     assert set(before) <= set(after)
     if fmt == "--csv":
-        assert out.read_text().count("file,label,probability") == 1  # no second header
+        assert out.read_text().count("file,path,label,probability") == 1  # no second header
     FIGURES[fmt.lstrip("-")] = {"images": len(good) + 1, "rows_before_the_kill": len(before),
                                 "killed_mid_run": len(before) < len(good), "classified_on_resume": len(after) - len(before),
                                 "classified_twice": len(after) - len(set(after)), "missing": len(good) - len(set(after))}
@@ -132,8 +132,8 @@ def _results(out: Path, fmt: str) -> list[str]:
                 assert number == len(lines) or not text.endswith("\n"), line
         return [r["file"] for r in records if r.get("type") == "result"]
     rows = list(csv.reader(io.StringIO(text)))
-    width = len(rows[0])
-    return [r[0] for r in rows[1:] if len(r) == width and r[1] and r[1] != "label" and not r[-1]]
+    width, label = len(rows[0]), rows[0].index("label")
+    return [r[0] for r in rows[1:] if len(r) == width and r[label] and r[label] != "label" and not r[-1]]
 
 
 def test_a_shell_redirect_that_emptied_the_skip_file_is_said(model, folder, tmp_path):
@@ -153,7 +153,7 @@ def test_skip_done_reads_json_lines_and_ignores_a_line_cut_by_a_kill(tmp_path):
     done = tmp_path / "out.jsonl"
     done.write_text('{"type": "model"}\n{"type": "result", "file": "a.png"}\n{"type": "error", "file": "b.png", "error": "x"}\n'
                     '{"type": "result", "file": "c.png"}\n{"type": "result", "fi')
-    assert read_done(str(done)) == {"a.png", "c.png"}  # b.png failed: tried again
+    assert read_done(str(done)) == {resume_key("a.png"), resume_key("c.png")}  # b.png failed: tried again
 
 
 def test_skip_done_refuses_a_broken_line_in_the_middle(tmp_path):
@@ -169,7 +169,7 @@ def test_skip_done_reads_csv_and_ignores_a_row_cut_by_a_kill(tmp_path):
                     "a.png,benign,0.9,,highest probability,1.0,2.0,\n"
                     "b.png,,,,,,,b.png: cannot decode\n"
                     "c.png,benign,0.8,,highest probability,1.0,2")
-    assert read_done(str(done)) == {"a.png"}
+    assert read_done(str(done)) == {resume_key("a.png")}
 
 
 @pytest.mark.parametrize("content, match", [("hello\nworld\n", "neither predict --csv output"),
@@ -198,6 +198,33 @@ def test_skip_done_skips_and_says_so(model, folder, capsys):
     assert records[-1]["already_done"] == 4 and code == 1
     code, out, _ = run(["predict", str(model), str(folder), "--skip-done", str(first)], capsys)
     assert "4 file(s) already classified in --skip-done, not repeated" in out
+
+
+@pytest.mark.parametrize("fmt", ["--csv", "--json"])
+def test_skip_done_matches_from_another_folder_and_spelling(fmt, model, tmp_path, monkeypatch, capsys):
+    """Issue 20: the first run was typed in the data's folder with relative paths, the resume in
+    its parent with other spellings (absolute; through a symlinked folder): every image matches."""
+    write_images(tmp_path / "site" / "scans", n=3, size=16)
+    (tmp_path / "link").symlink_to(tmp_path / "site")
+    monkeypatch.chdir(tmp_path / "site")
+    code, out, _ = run(["predict", str(model), "scans", fmt], capsys)
+    assert code == 0
+    (tmp_path / "site" / "out").write_text(out)
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("site/scans", str(tmp_path / "site" / "scans"), "link/./scans/"):
+        code, out, _ = run(["predict", str(model), spelling, "--json", "--skip-done", "site/out"], capsys)
+        summary = json.loads(out.splitlines()[-1])
+        assert code == 0 and summary["already_done"] == 3 and summary["images"] == 0, (spelling, summary)
+
+
+def test_skip_done_reads_outputs_without_the_path_column_relative_to_here(model, tmp_path, monkeypatch, capsys):
+    """An output from before the path column: its file names are taken relative to the current folder."""
+    write_images(tmp_path / "scans", n=2, size=16)
+    old = tmp_path / "old.csv"
+    old.write_text("file,label,probability,error\nscans/img0.png,benign,0.9,\n")
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(["predict", str(model), "scans", "--json", "--skip-done", str(old)], capsys)
+    assert json.loads(out.splitlines()[-1])["already_done"] == 1
 
 
 # --------------------------------------------------------------------- skipped by suffix

@@ -159,11 +159,11 @@ def check_file(path: Path) -> None:
 
 
 def load_keras(path: Path) -> None:
-    import train  # noqa: F401
+    import oncolite.train  # noqa: F401
     import tf_keras as keras
 
     if path.name == "qat.keras":  # tfmot cannot reload its own archives; quantize/qat.py rebuilds it
-        from quantize.qat import load_qat_model
+        from oncolite.quantize.qat import load_qat_model
 
         load_qat_model(path, keras.models.load_model(path.with_name("float.keras"), compile=False, safe_mode=True))
     else:
@@ -201,7 +201,7 @@ def manifest(work) -> Path:
 
 
 def test_split_survives_kills(manifest):
-    from train.manifest import load_manifest
+    from oncolite.train.manifest import load_manifest
 
     assert len(load_manifest(manifest).items) == 24
     assert FIGURES["stages"]["split"]["final_exit_code"] == 0
@@ -279,7 +279,7 @@ def test_benchmark_survives_kills(exported):
 
 @pytest.mark.slow
 def test_a_temporary_left_by_a_kill_is_ignored_by_the_next_stage(exported):
-    from benchmarks.benchmark import find_models
+    from oncolite.benchmarks.benchmark import find_models
 
     data = (exported / "models" / "fp32.tflite").read_bytes()
     stray = exported / "models" / ".fp32.k1ll3d.tmp.tflite"

@@ -2,12 +2,12 @@
 
 import numpy as np
 
-import train  # noqa: F401
+import oncolite.train  # noqa: F401
 import tensorflow as tf
 import tf_keras as keras
 
-from quantize.rounding import weight_layers, folded_kernel, grid_step, reconstruct_weights
-from train.model import build_classifier
+from oncolite.quantize.rounding import weight_layers, folded_kernel, grid_step, reconstruct_weights
+from oncolite.train.model import build_classifier
 
 SIZE = 32
 
@@ -59,7 +59,8 @@ def outputs(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     rows = []
     for sample in x:
         s, z = inp["quantization"]
-        interpreter.set_tensor(inp["index"], np.clip(np.round(sample[None] / s + z), -128, 127).astype(np.int8))
+        info = np.iinfo(inp["dtype"])
+        interpreter.set_tensor(inp["index"], np.clip(np.round(sample[None] / s + z), info.min, info.max).astype(inp["dtype"]))
         interpreter.invoke()
         s, z = out["quantization"]
         rows.append((interpreter.get_tensor(out["index"])[0].astype(np.float64) - z) * s)
@@ -107,7 +108,7 @@ def test_activation_simulation_is_the_converted_model(tmp_path):
     """benchmarks.int8_study's activation ablation rounds each op output on the converted model's
     own grid: with every switch on it must be the .tflite (up to the int32 arithmetic), with
     every switch off the Keras model itself."""
-    from benchmarks.int8_study import activation_points, simulate_activations
+    from oncolite.benchmarks.int8_study import activation_points, simulate_activations
 
     model, calib, held_out = tiny_model(), gray_images(16, 0), gray_images(12, 1)
     rounded, _ = reconstruct_weights(model, [calib], method="gptq", bias_correction=True)
@@ -125,3 +126,22 @@ def test_activation_simulation_is_the_converted_model(tmp_path):
     # The simulation reproduces what rounding the activations does to the output: far closer to
     # the device than the float-activation model is.
     assert np.abs(sim - device).mean() < 0.5 * np.abs(keras_out - device).mean()
+
+
+def test_litert_quantizer_recipes_are_integer_models_of_the_same_network():
+    """benchmarks.int8_study's litert-quantizer backends: integer I/O of the asked width, and
+    outputs that follow the Keras model (pooled features, where kernel rounding shows)."""
+    from oncolite.benchmarks.int8_study import litert_quantize
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, calib, held_out = tiny_model(), gray_images(16, 0), gray_images(12, 1)
+    features = keras.Model(model.input, model.get_layer("head_pool").output)
+    fp32 = tf.lite.TFLiteConverter.from_keras_model(features).convert()
+    reference = features.predict(held_out, verbose=0)
+    errors = {}
+    for bits, dtype in ((8, np.int8), (16, np.int16)):
+        model_bytes = litert_quantize(fp32, calib, activation_bits=bits)
+        assert Interpreter(model_content=model_bytes).get_input_details()[0]["dtype"] == dtype
+        errors[bits] = np.abs(outputs(model_bytes, held_out) - reference).mean()
+    scale = np.abs(reference).mean()
+    assert errors[8] < 0.1 * scale and errors[16] < errors[8], (errors, scale)

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from edge_runtime.errors import ManifestError
 from oncolite.cli import main as oncolite
 from tests.datatrees import BREAKHIS_PATIENTS, breakhis_path, breakhis_tree, folder_tree, near_copy, noise, save, write_folds_csv
-from train.audit import audit_dataset
-from train.datasets import load_dataset
-from train.manifest import load_manifest, write_manifest
-from train.splits import build_manifest
+from oncolite.train.audit import audit_dataset
+from oncolite.train.datasets import load_dataset
+from oncolite.train.manifest import load_manifest, write_manifest
+from oncolite.train.splits import build_manifest
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,7 @@ def test_a_subtype_split_warns_which_fold_and_side_lack_which_labels(tmp_path, c
 
 
 def test_a_published_fold_with_no_malignant_training_image_is_warned_at_split_and_refused_at_train(tmp_path, capfd):
-    from train.train import check_training_labels
+    from oncolite.train.train import check_training_labels
 
     paths = breakhis_tree(tmp_path, mags=(40,))
     table = write_folds_csv(tmp_path, paths, folds=2)

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from edge_runtime.errors import OncoliteError
-from train.config import available, load_config, parse_overrides
+from oncolite.train.config import available, load_config, parse_overrides
 from edge_runtime.hashing import file_sha256
-from train.manifest import load_manifest, write_manifest
+from oncolite.train.manifest import load_manifest, write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -87,7 +87,7 @@ def settings(config_path: Path) -> dict:
 # ---------------------------------------------------------------- config
 
 def test_resume_point_keeps_only_the_checkpoints_its_state_names(tmp_path):
-    from train.checkpoints import save_resume_point
+    from oncolite.train.checkpoints import save_resume_point
 
     for name in ("epoch-head-1", "epoch-head-2", "epoch-head-10", "best-head-1", "best-head-2"):
         for suffix in (".index", ".data-00000-of-00001"):
@@ -155,7 +155,7 @@ def test_a_run_config_json_is_a_valid_config_file(tmp_path):
 
 def test_pipeline_batches_normalized_images_and_balances_when_oversampling(tmp_path):
     from edge_runtime.preprocess import Preprocessing, preprocess
-    from train.data import class_weights, load_arrays, make_dataset
+    from oncolite.train.data import class_weights, load_arrays, make_dataset
 
     manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR, counts=(3, 1, 1)))
     train_items = manifest.sides()["train"]
@@ -178,8 +178,8 @@ def test_pipeline_batches_normalized_images_and_balances_when_oversampling(tmp_p
 
 
 def test_augmentation_changes_pixels_not_labels_or_range(tmp_path):
-    from train.config import preprocessing
-    from train.data import load_arrays, make_dataset
+    from oncolite.train.config import preprocessing
+    from oncolite.train.data import load_arrays, make_dataset
 
     manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR, counts=(4, 1, 1)))
     items = manifest.sides()["train"]
@@ -195,7 +195,7 @@ def test_augmentation_changes_pixels_not_labels_or_range(tmp_path):
 # ---------------------------------------------------------------- training
 
 def test_learns_a_planted_task_well_above_chance(tmp_path):
-    from train.train import train_run
+    from oncolite.train.train import train_run
 
     manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR))
     summary = train_run(tmp_path / "run", manifest, load_config(overrides=PRETRAINED), {"manifest": str(manifest.path)},
@@ -259,8 +259,8 @@ def old_run_config(run: Path) -> dict:
 
 
 def test_an_old_runs_config_is_its_own_not_refused_for_keys_added_since(tmp_path):
-    from train.config import stored_config
-    from train.train import read_run_config, refuse_other_run
+    from oncolite.train.config import stored_config
+    from oncolite.train.train import read_run_config, refuse_other_run
 
     run = tmp_path / "run"
     (run / "train" / "state").mkdir(parents=True)
@@ -286,7 +286,7 @@ def test_an_old_runs_config_is_its_own_not_refused_for_keys_added_since(tmp_path
 def test_resume_of_a_run_older_than_todays_defaults_is_not_refused(tmp_path):
     import argparse
 
-    from train.train import add_arguments, main, train_run
+    from oncolite.train.train import add_arguments, main, train_run
 
     manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR, counts=(8, 4, 4)))
     run = tmp_path / "run"
@@ -304,9 +304,9 @@ import json, sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from train.config import load_config
-from train.manifest import load_manifest
-from train.train import train_run
+from oncolite.train.config import load_config
+from oncolite.train.manifest import load_manifest
+from oncolite.train.train import train_run
 import tf_keras as keras
 config = load_config(overrides={**json.loads(sys.argv[2]), "distribute": "mirrored", "mixed_precision": True})
 summary = train_run(sys.argv[3], load_manifest(sys.argv[1]), config, {"manifest": sys.argv[1]}, quiet=True)
@@ -329,7 +329,7 @@ def test_distributed_mixed_precision_path_on_two_logical_cpus(tmp_path):
 
 
 def test_folds_train_each_fold_and_report_mean_and_spread(tmp_path):
-    from train.train import train_folds
+    from oncolite.train.train import train_folds
 
     manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR, counts=(6, 0, 2), folds=2))
     config = load_config(overrides={**TINY, "head_epochs": 1, "finetune_epochs": 1})
@@ -344,7 +344,7 @@ def test_folds_train_each_fold_and_report_mean_and_spread(tmp_path):
 
 
 def test_tune_searches_on_validation_and_returns_a_config_from_the_space(tmp_path):
-    from train.tune import tune
+    from oncolite.train.tune import tune
 
     manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR, counts=(6, 3, 3)))
     config = load_config(overrides={**TINY, "head_epochs": 1, "finetune_epochs": 3,
@@ -361,9 +361,9 @@ def test_tune_searches_on_validation_and_returns_a_config_from_the_space(tmp_pat
 
 DETERMINISTIC = r"""
 import json, sys
-from train.config import load_config
-from train.manifest import load_manifest
-from train.train import train_run
+from oncolite.train.config import load_config
+from oncolite.train.manifest import load_manifest
+from oncolite.train.train import train_run
 config = load_config(overrides={**json.loads(sys.argv[2]), "deterministic": True})
 losses = [train_run(f"{sys.argv[3]}/{r}", load_manifest(sys.argv[1]), config, {"manifest": sys.argv[1]}, quiet=True)["val"]["loss"]
           for r in range(2)]

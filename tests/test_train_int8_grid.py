@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-import train  # noqa: F401
+import oncolite.train  # noqa: F401
 import tensorflow as tf
 import tf_keras as keras
 
-from train.model import build_classifier, snap_to_int8_grid
+from oncolite.train.model import build_classifier, snap_to_int8_grid
 
 SIZE = 32
 

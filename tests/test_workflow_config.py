@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import DEFAULTS_PATH, ConfigError, load_config, parse_overrides
+from oncolite.train.config import DEFAULTS_PATH, ConfigError, load_config, parse_overrides
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = REPO_ROOT / "pretrained" / "mobilenet_v2_1.0_224_imagenet_no_top.h5"
@@ -24,7 +24,7 @@ def leaf_keys(d: dict, prefix: str = "") -> set[str]:
 
 
 def test_every_setting_of_the_defaults_has_a_check():
-    from train.config import RULES
+    from oncolite.train.config import RULES
 
     # weights is checked together with alpha (which file it names depends on the width).
     assert set(RULES) | {"weights"} == leaf_keys(json.loads(DEFAULTS_PATH.read_text()))
@@ -101,11 +101,11 @@ def test_imagenet_at_a_width_without_a_shipped_file_is_refused_not_downloaded():
 
 
 def test_the_export_choices_are_quantizes_own():
-    from quantize.export import IO_CHOICES, VARIANTS
-    from train.config import EXPORT_VARIANTS, INT8_IO
+    from oncolite.quantize.export import IO_CHOICES, VARIANTS
+    from oncolite.train.config import INT8_IO, load_config
 
-    # Every variant a config may list is one export can make (EXPORT_VARIANTS is defaults.json's list).
-    assert INT8_IO == IO_CHOICES and set(EXPORT_VARIANTS) <= set(VARIANTS)
+    # Every variant the default config lists is one export can make.
+    assert INT8_IO == IO_CHOICES and set(load_config()["export"]["variants"]) <= set(VARIANTS)
 
 
 # ---------------------------------------------------------------- through the command
@@ -116,7 +116,7 @@ def oncolite_train(tmp_path, *sets):
     manifest.write_text("{}")
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-m", "oncolite", "train", "--manifest", str(manifest), "--run", str(run),
+    result = subprocess.run([sys.executable, "-m", "oncolite", "train", str(run), "--manifest", str(manifest),
                              *[a for s in sets for a in ("--set", s)]],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     return result, run
@@ -137,7 +137,7 @@ def test_train_refuses_a_bad_setting_in_one_line_before_reading_the_manifest_or_
 def test_a_weights_file_of_another_width_is_one_line_and_leaves_no_run_directory(tmp_path):
     # Settings that pass the checks but a file that only loading can judge: the model is built
     # (and the file loaded) before the run directory is made.
-    from train.manifest import write_manifest
+    from oncolite.train.manifest import write_manifest
     from tests.datatrees import noise, save
     from edge_runtime.hashing import file_sha256
 
@@ -151,7 +151,7 @@ def test_a_weights_file_of_another_width_is_one_line_and_leaves_no_run_directory
                     "split": {"kind": "given", "folds": 1}, "items": items}, tmp_path / "manifest.json")
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-m", "oncolite", "train", "--manifest", "manifest.json", "--run", str(run),
+    result = subprocess.run([sys.executable, "-m", "oncolite", "train", str(run), "--manifest", "manifest.json",
                              "--set", f"weights={SHIPPED}", "--set", "alpha=0.35", "--set", "input_size=32"],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]

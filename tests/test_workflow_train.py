@@ -15,8 +15,8 @@ import pytest
 from edge_runtime.errors import ManifestError
 from edge_runtime.hashing import file_sha256
 from tests.datatrees import noise, save
-from train.config import load_config
-from train.manifest import load_manifest, write_manifest
+from oncolite.train.config import load_config
+from oncolite.train.manifest import load_manifest, write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = {"input_size": 32, "alpha": 0.35, "weights": None, "batch_size": 4, "head_epochs": 1, "finetune_epochs": 0}
@@ -49,7 +49,7 @@ def oncolite(*argv, env=USER_ENV, cwd=REPO_ROOT, timeout=300):
 # ---------------------------------------------------------------- a label with no training images
 
 def test_a_fold_without_training_images_of_a_label_is_refused_before_anything_is_written(tmp_path):
-    from train.train import train_folds, train_run
+    from oncolite.train.train import train_folds, train_run
 
     manifest = load_manifest(two_fold_manifest(tmp_path))
     config = load_config(overrides=TINY)
@@ -66,7 +66,7 @@ def test_a_fold_without_training_images_of_a_label_is_refused_before_anything_is
 def test_the_command_refuses_it_in_one_line(tmp_path):
     path = two_fold_manifest(tmp_path)
     sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    result = oncolite("train", "--manifest", path, "--run", tmp_path / "run", "--folds", 2, *sets, timeout=120)
+    result = oncolite("train", tmp_path / "run", "--manifest", path, "--folds", 2, *sets, timeout=120)
     assert result.returncode == 2
     assert result.stderr == f"oncolite train: error: {path}: fold 1 has no training images of c; rebuild it with " \
                             "`oncolite split` (fewer --folds, another --seed) or add images of those labels\n"
@@ -85,7 +85,7 @@ def test_train_help_imports_no_tensorflow_and_prints_nothing_on_stderr():
 
 
 def test_tensorflows_own_import_lines_obey_the_log_level(capfd):
-    from edge_runtime.cli import _native_stderr_filtered
+    from edge_runtime.console import native_stderr_filtered
 
     lines = (b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
              b"I0000 00:00:1.5 7701 port.cc:153] oneDNN custom operations are on.\n"
@@ -94,7 +94,7 @@ def test_tensorflows_own_import_lines_obey_the_log_level(capfd):
              b"a line of its own\n")
     shown = {}
     for level in (0, 1, 3):
-        with _native_stderr_filtered(level):
+        with native_stderr_filtered(level):
             os.write(2, lines)
         shown[level] = capfd.readouterr().err
     assert shown[0] == lines.decode()
@@ -128,15 +128,17 @@ def planted_manifest(folder: Path) -> Path:
 
 def test_quiet_training_prints_nothing_on_stderr_not_even_tensorflows_import_lines(tmp_path):
     sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    result = oncolite("train", "--manifest", planted_manifest(tmp_path), "--run", tmp_path / "run", "--quiet", *sets)
+    result = oncolite("train", tmp_path / "run", "--manifest", planted_manifest(tmp_path), "--quiet", *sets)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr == "" and result.stdout == ""
     assert (tmp_path / "run" / "models" / "float.keras").exists()
 
 
-def test_each_epoch_shows_a_per_batch_progress_bar_unless_quiet(tmp_path, capsys):
-    from train.train import train_run
+def test_each_epoch_shows_a_per_batch_progress_bar_unless_quiet(tmp_path, capsys, monkeypatch):
+    from edge_runtime import console
+    from oncolite.train.train import train_run
 
+    monkeypatch.setattr(console, "_is_terminal", lambda stream: True)  # a bar is for a terminal (see test_cli)
     manifest = load_manifest(planted_manifest(tmp_path))
     config = load_config(overrides={**TINY, "finetune_epochs": 1})
     train_run(tmp_path / "run", manifest, config, {"manifest": str(manifest.path)}, quiet=False)

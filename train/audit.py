@@ -11,6 +11,7 @@ Writes audit.json, audit.md and intensity.png into --out.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import sys
@@ -23,20 +24,20 @@ import numpy as np
 from PIL import Image
 
 from edge_runtime.atomic import write_json, write_text
-from edge_runtime.console import add_output_flags, print_json, printable, progress, say
+from edge_runtime.console import add_output_flags, old_spelling, print_json, printable, progress, say
 from edge_runtime.errors import EXIT_OK, ImageError
 from edge_runtime.hashing import bytes_sha256, file_sha256
 from edge_runtime.preprocess import open_image
-from train.datasets import Dataset, add_dataset_arguments, dataset_from_args, patients_crossing_folds
-from train.duplicates import components, equal_value_pairs, near_duplicate_pairs
-from train.plots import pyplot, save_png
+from .datasets import Dataset, add_dataset_arguments, dataset_from_args, patients_crossing_folds
+from .duplicates import components, equal_value_pairs, near_duplicate_pairs
+from .plots import pyplot, save_png
 
 AUDIT_FORMAT = "oncolite-audit/1"
 HASH_NAME = "phash"
 _BITS_PER_MODE = {"1": 1, "L": 8, "P": 8, "RGB": 8, "RGBA": 8, "LA": 8, "CMYK": 8, "YCbCr": 8, "LAB": 8, "HSV": 8,
                   "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
 # Options shared with `split` and their defaults, for the recorded command line.
-DATASET_DEFAULTS = {"layout": None, "label-scheme": "binary", "magnification": None, "threshold": 6, "hash-size": 8}
+DATASET_DEFAULTS = {"layout": None, "label-scheme": "binary", "magnification": None, "hash-distance": 6, "hash-size": 8}
 # Below this many images, starting worker processes costs more than it saves.
 _PARALLEL_FROM = 64
 
@@ -331,7 +332,10 @@ def write_audit(audit: Audit, out_dir, command: str = "") -> dict:
 def add_audit_arguments(parser) -> None:
     """Options shared by `audit` and `split` (which audits first)."""
     add_dataset_arguments(parser)
-    parser.add_argument("--threshold", type=int, default=6, help="near duplicate = pHash Hamming distance <= this (default 6)")
+    parser.add_argument("--hash-distance", type=int, default=6, metavar="BITS",
+                        help="near duplicate = pHash Hamming distance <= this (default 6)")
+    # The old name; `--threshold` is evaluate's decision threshold (a probability).
+    parser.add_argument("--threshold", dest="old_hash_distance", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--hash-size", type=int, default=8, help="pHash side: 8 gives 64-bit hashes (default)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes that hash images")
     add_output_flags(parser)
@@ -343,8 +347,11 @@ def add_arguments(parser) -> None:
 
 
 def audit_from_args(args) -> Audit:
+    if args.old_hash_distance is not None:
+        old_spelling(args, f"--threshold {args.old_hash_distance}", f"--hash-distance {args.old_hash_distance}")
+        args.hash_distance = args.old_hash_distance
     dataset = dataset_from_args(args)
-    return audit_dataset(dataset, args.threshold, args.hash_size, args.workers, args.quiet or args.json)
+    return audit_dataset(dataset, args.hash_distance, args.hash_size, args.workers, args.quiet or args.json)
 
 
 def command_line(name: str, args, positional: str, defaults: dict) -> str:

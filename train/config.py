@@ -21,8 +21,9 @@ from pathlib import Path
 from edge_runtime.errors import OncoliteError
 # _RESAMPLE: the one preprocessing's resampling filters (edge_runtime has no public name for them yet).
 from edge_runtime.preprocess import _RESAMPLE, Preprocessing
+from edge_runtime.resources import CONFIG_DIR, DATA_ROOT, PRETRAINED_DIR
+from edge_runtime.variants import SELECTABLE
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULTS_PATH = CONFIG_DIR / "defaults.json"
 # A run directory's config.json carries this provenance section beside the settings; it is
 # not a setting, so `--config RUN_DIR/config.json` reproduces a run.
@@ -34,10 +35,8 @@ LEGACY_DEFAULTS = {"mean": 127.5, "std": 127.5}
 
 # MobileNetV2 ImageNet weights shipped in the repo, by width (alpha). weights="imagenet" means
 # one of these files, never Keras' download: a run must not depend on the network at run time.
-SHIPPED_WEIGHTS = {1.0: CONFIG_DIR.parent / "pretrained" / "mobilenet_v2_1.0_224_imagenet_no_top.h5"}
+SHIPPED_WEIGHTS = {1.0: PRETRAINED_DIR / "mobilenet_v2_1.0_224_imagenet_no_top.h5"}
 HEADS = ("compact", "reference")
-# The variants `oncolite export` can make: the ones it makes by default (defaults.json's own list).
-EXPORT_VARIANTS = tuple(json.loads(DEFAULTS_PATH.read_text(encoding="utf-8"))["export"]["variants"])
 # quantize/export.py's IO_CHOICES (a test keeps them equal: this layer cannot import quantize/).
 INT8_IO = ("int8", "uint8", "float")
 # MobileNetV2's smallest input side (tf-keras refuses anything smaller).
@@ -152,7 +151,7 @@ def resolve_weights(alpha: float, weights: str | None) -> str | None:
     if weights == "imagenet":
         shipped = SHIPPED_WEIGHTS.get(alpha)
         if shipped is None or not shipped.is_file():
-            have = ", ".join(f"alpha {a} ({p.relative_to(CONFIG_DIR.parent)})" for a, p in SHIPPED_WEIGHTS.items()
+            have = ", ".join(f"alpha {a} ({p.relative_to(DATA_ROOT)})" for a, p in SHIPPED_WEIGHTS.items()
                              if p.is_file()) or "no width"
             raise ConfigError(f"config: weights=\"imagenet\" with alpha={alpha}: ImageNet weights are shipped for {have} "
                               f"and nothing is downloaded; use --set alpha=1.0, a local MobileNetV2 alpha {alpha} weights "
@@ -263,7 +262,7 @@ RULES = {
     "qat.temperature": _number(0, low_open=True),
     "qat.patience": _integer(1),
     "export.calibration_images": _integer(1),
-    "export.variants": _list_of(_one_of(*EXPORT_VARIANTS)),
+    "export.variants": _list_of(_one_of(*SELECTABLE)),  # the variants table's names, as --variants
     "export.int8_io": _one_of(*INT8_IO),
     "export.gate": _number(0, 1, high_open=False),
     "benchmark.threads": _list_of(_integer(1), allow_empty=True),
@@ -331,6 +330,37 @@ def parse_overrides(pairs: list[str] | None) -> dict:
             node = node.setdefault(parent, {})
         node[leaf] = value
     return result
+
+
+def add_set_argument(parser, section: str | None = None) -> None:
+    """`--set KEY=VALUE` (repeatable), on every command that reads config. `section`: a command
+    that works on a trained run reads only its own section (its flags are sugar for those keys);
+    the run's other settings were fixed when it trained (see `with_overrides`)."""
+    if section is None:
+        help_ = ("override one setting (repeatable), e.g. --set finetune_lr=1e-5 --set augment.vflip=true; "
+                 "keys: configs/defaults.json")
+    else:
+        keys = ", ".join(f"{section}.{key}" for key in read_config_file(DEFAULTS_PATH)[section])
+        help_ = f"override one of this stage's settings for this call (repeatable): {keys}"
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help_)
+
+
+def with_overrides(config: dict, pairs: list[str], section: str) -> dict:
+    """A run's stored config with a stage command's --set pairs over its `section`, checked by the
+    rules every setting obeys. A key outside the section is refused: changing a training setting
+    after training would describe a model that does not exist."""
+    overrides = parse_overrides(pairs)
+    defaults = read_config_file(DEFAULTS_PATH)
+    for key in overrides:
+        if key != section:
+            raise ConfigError(f"--set {key}: this command reads only the {section}.* settings "
+                              f"({', '.join(sorted(defaults[section]))}); set {key} when training the run")
+    validate(overrides, defaults, "--set")
+    merged = deep_merge(config, overrides)
+    for name, (test, accepted) in RULES.items():
+        if _set_by([("--set", overrides)], name) >= 0 and not test(_lookup(merged, name)):
+            raise ConfigError(f"--set {name}={json.dumps(_lookup(merged, name))}: must be {accepted}")
+    return merged
 
 
 def preprocessing(config: dict) -> Preprocessing:

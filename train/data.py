@@ -14,8 +14,6 @@ import os
 import re
 
 import numpy as np
-
-import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 import tf_keras as keras
 from sklearn.utils.class_weight import compute_class_weight

@@ -16,15 +16,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
-import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from edge_runtime.atomic import atomic_path, write_json, write_text
 from edge_runtime.console import add_output_flags, print_json, progress, say
 from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
 from edge_runtime.hashing import file_sha256
 from edge_runtime.preprocess import Preprocessing, open_image
-from train import metrics
-from train.plots import draw_confusion, pyplot, save_png
+from . import metrics
+from .plots import draw_confusion, pyplot, save_png
 
 FORMAT = "oncolite-eval/1"
 CONTACT_SHEET_SIZE = 16  # the most confident mistakes shown as thumbnails
@@ -76,7 +74,7 @@ def keras_preprocessing(model, run_dir=None) -> Preprocessing:
     with the default normalization and resampling."""
     config_path = Path(run_dir) / "config.json" if run_dir else None
     if config_path and config_path.is_file():
-        from train.config import preprocessing, stored_config
+        from .config import preprocessing, stored_config
 
         return preprocessing(stored_config(config_path))
     _, height, width, _ = model.input_shape
@@ -89,7 +87,7 @@ def predict_items(model_path, items, prep=None, batch_size: int = 32, quiet: boo
 
     `prep` overrides the model's own preprocessing; pass `predictor` to reuse a loaded model.
     """
-    from train.data import load_arrays
+    from .data import load_arrays
 
     predictor = predictor or load_predictor(model_path, resolve_model(model_path)[1])
     prep = prep or predictor.prep
@@ -128,7 +126,7 @@ def evaluate(model_arg, manifest_path=None, *, side: str = "test", fold=None, ou
              target_sensitivity=None, positive=None, bootstrap: int = 1000, batch_size: int = 32,
              quiet: bool = False) -> dict:
     """Run the model on one side of the manifest, write the report into `out`, return it."""
-    from train.manifest import load_manifest
+    from .manifest import load_manifest
 
     model_path, run_dir, default_out = resolve_model(model_arg, fold)
     out = Path(out) if out else default_out
@@ -139,7 +137,7 @@ def evaluate(model_arg, manifest_path=None, *, side: str = "test", fold=None, ou
     manifest = load_manifest(manifest_path, quiet=quiet)
     labels = list(manifest.labels)
     if fold is None and run_dir is not None and (run_dir / "config.json").exists():
-        from train.train import read_run_config
+        from .train import read_run_config
 
         fold = read_run_config(run_dir)[1].get("fold")  # a CV fold's run: its own test side
     sides = manifest.sides(fold=fold)
@@ -399,7 +397,7 @@ def plot_curves(y, probs, labels, out: Path) -> list[str]:
 
 def plot_history(history_csv: Path, path: Path) -> str:
     """The training curves of the run, drawn by training's own plot from its history.csv."""
-    from train.train import plot_curves
+    from .train import plot_curves
 
     with open(history_csv, newline="") as f:
         rows = [{k: v if k == "phase" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -1,4 +1,4 @@
-"""`oncolite explain IMAGE --run RUN_DIR`: Grad-CAM of the float model, overlaid on the image.
+"""`oncolite explain RUN_DIR IMAGE`: Grad-CAM of the float model, overlaid on the image.
 
 Grad-CAM (Selvaraju et al., 2017): the gradient of the class score with respect to the last
 convolutional feature map, averaged per channel, weights that map's channels; the positive
@@ -8,29 +8,28 @@ one preprocessing, so the heatmap explains exactly what the model saw.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 
-import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-import tensorflow as tf
-import tf_keras as keras
 from PIL import Image
 
-from edge_runtime.console import add_output_flags, print_json, say
+from edge_runtime.console import add_output_flags, old_spelling, print_json, say
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from edge_runtime.preprocess import normalize, open_image, resize
-from train.config import load_config, preprocessing
-from train.model import load_float_model
-from train.plots import pyplot, save_png
+from .config import load_config, preprocessing
+from .plots import pyplot, save_png
 
 DEFAULT_LAYER = "out_relu"  # MobileNetV2's last convolutional activation
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("image", help="image file to explain")
-    parser.add_argument("--run", required=True, help="run directory holding models/float.keras and config.json")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding models/float.keras and config.json")
+    parser.add_argument("image", nargs="?", metavar="IMAGE", help="image file to explain")
+    # The old spelling, `explain IMAGE --run RUN_DIR`: its one positional is the image.
+    parser.add_argument("--run", dest="old_run", help=argparse.SUPPRESS)
     parser.add_argument("--out", help="PNG to write (default: RUN_DIR/explain/<image name>.gradcam.png)")
     parser.add_argument("--layer", default=DEFAULT_LAYER, help=f"convolutional layer to explain (default: {DEFAULT_LAYER})")
     parser.add_argument("--class", dest="class_name", help="label to explain (default: the predicted one)")
@@ -38,7 +37,16 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    run = Path(args.run)
+    from .model import load_float_model  # TensorFlow: only when a heatmap is made, not for --help
+
+    if args.old_run:
+        if args.image:
+            raise OncoliteError(f"--run {args.old_run}: give the run once, first: oncolite explain RUN_DIR IMAGE")
+        old_spelling(args, f"explain {args.run_dir} --run {args.old_run}", f"oncolite explain {args.old_run} {args.run_dir}")
+        args.run_dir, args.image = args.old_run, args.run_dir
+    if not args.image:
+        raise OncoliteError("oncolite explain: which image? oncolite explain RUN_DIR IMAGE")
+    run = Path(args.run_dir)
     config = load_config(path=run / "config.json")
     model = load_float_model(run / "models" / "float.keras")
     labels = run_labels(run)
@@ -70,6 +78,9 @@ def run_labels(run: Path) -> list[str]:
 
 def gradcam(model: keras.Model, image: np.ndarray, class_index: int, layer: str = DEFAULT_LAYER) -> np.ndarray:
     """Heatmap in [0, 1] at the image's size (H, W) for one normalized float32 image (H, W, 3)."""
+    import tensorflow as tf
+    import tf_keras as keras
+
     try:
         features = model.get_layer(layer).output
     except ValueError:

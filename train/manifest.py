@@ -155,7 +155,7 @@ def find_leak(items: list[dict], test_fold: int = 0) -> str | None:
 
 def manifest_from_csv(path: Path, quiet: bool = True) -> Manifest:
     """A `path,label[,group],split` CSV as an in-memory manifest (sha256 computed now)."""
-    from train.datasets import load_dataset
+    from .datasets import load_dataset
 
     try:
         dataset = load_dataset(path, "csv")

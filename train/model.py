@@ -7,12 +7,10 @@ preprocessing shared by training and the device (tfmot cannot quantize Rescaling
 from __future__ import annotations
 
 from pathlib import Path
-
-import train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tf_keras as keras
 
 from edge_runtime.errors import ModelError
-from train.config import HEADS, resolve_weights
+from .config import HEADS, resolve_weights
 
 
 def build_classifier(num_classes: int, height: int = 224, width: int = 224, alpha: float = 1.0,
@@ -88,7 +86,7 @@ def load_float_model(path) -> keras.Model:
     """A run's models/float.keras, loaded in Keras' safe mode (no arbitrary code from the file)."""
     path = Path(path)
     if not path.exists():
-        raise ModelError(f"{path}: no float model; train one with `oncolite train --run {path.parent.parent}`")
+        raise ModelError(f"{path}: no float model; train one with `oncolite train {path.parent.parent} --manifest M`")
     return keras.models.load_model(path, compile=False, safe_mode=True)
 
 

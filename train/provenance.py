@@ -1,4 +1,4 @@
-"""What produced a result: installed package versions and the git commit of this checkout.
+"""What produced a result: installed package versions and the git commit of this checkout (if any).
 
 Recorded in every run directory (versions.json) and benchmark report. Imports no TensorFlow:
 the versions come from the installed distributions' metadata.
@@ -9,9 +9,9 @@ from __future__ import annotations
 import platform
 import subprocess
 from importlib import metadata
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from edge_runtime.resources import CHECKOUT
+
 # versions.json key -> distribution name
 RUN_PACKAGES = {"tensorflow": "tensorflow", "tf_keras": "tf-keras", "tfmot": "tensorflow-model-optimization",
                 "litert": "ai-edge-litert", "numpy": "numpy", "scikit_learn": "scikit-learn"}
@@ -27,9 +27,12 @@ def package_version(dist: str) -> str | None:
 
 def git_state() -> dict:
     """{"commit": HEAD or None outside a git checkout, "dirty": tracked files changed (None without a commit)}."""
+    if CHECKOUT is None:  # installed with `pip install .`: the code is no git checkout's
+        return {"commit": None, "dirty": None}
+
     def git(*args) -> str | None:
         try:
-            done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+            done = subprocess.run(["git", *args], cwd=CHECKOUT, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return done.stdout.strip() if done.returncode == 0 else None

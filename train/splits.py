@@ -19,10 +19,10 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from edge_runtime.console import print_json, say
 from edge_runtime.errors import EXIT_OK, OncoliteError
-from train.audit import DATASET_DEFAULTS, Audit, add_audit_arguments, audit_from_args, command_line
-from train.datasets import patients_crossing_folds
-from train.duplicates import components
-from train.manifest import MANIFEST_FORMAT, find_leak, write_manifest
+from .audit import DATASET_DEFAULTS, Audit, add_audit_arguments, audit_from_args, command_line
+from .datasets import patients_crossing_folds
+from .duplicates import components
+from .manifest import MANIFEST_FORMAT, find_leak, write_manifest
 
 
 class SplitError(OncoliteError):

@@ -8,7 +8,7 @@ and hands the best weights on; the best model over both phases is models/float.k
 
 Resume: after every epoch the model and optimizer go to train/state/ (a TF checkpoint) and
 train/state/state.json (written atomically after the checkpoint, so it always names a complete
-one) records phase, epoch, best value and history. `oncolite train --resume RUN_DIR` after a
+one) records phase, epoch, best value and history. `oncolite train RUN_DIR --resume` after a
 crash or SIGKILL continues from the last completed epoch with the run's own config.
 
 Hardware: on CPU, one device. With GPUs, `mixed_precision: "auto"` trains in mixed_float16
@@ -16,8 +16,9 @@ Hardware: on CPU, one device. With GPUs, `mixed_precision: "auto"` trains in mix
 over all visible GPUs (batch_size is the global batch, split across replicas). Several
 machines: set TF_CONFIG on each (the standard JSON `{"cluster": {"worker": ["host1:port",
 "host2:port"]}, "task": {"type": "worker", "index": i}}`) and run the same command with the
-same --run path on a shared file system; "auto" then picks MultiWorkerMirroredStrategy and only
-worker 0 (the chief) writes the run directory, the others checkpoint into RUN_DIR/workers/<i>/.
+same RUN_DIR on a shared file system; "auto" then picks MultiWorkerMirroredStrategy and only
+worker 0 (the chief) writes the run directory, the others checkpoint (and save their copy of the
+model: saving runs collectives every worker must join) into RUN_DIR/workers/<i>/.
 """
 
 from __future__ import annotations
@@ -41,20 +42,20 @@ import numpy as np
 # imported inside the functions that use them: `oncolite train --help` and a mistyped setting
 # answer at once, without loading TensorFlow.
 from edge_runtime.atomic import atomic_path, write_json, write_text
-from edge_runtime.console import add_output_flags, print_json, progress, say
+from edge_runtime.console import add_output_flags, old_spelling, print_json, progress, say
 from edge_runtime.errors import EXIT_OK, ManifestError, OncoliteError
-from train.checkpoints import save_resume_point
-from train.config import (PROVENANCE_KEY, available, load_config, parse_overrides, preprocessing, read_config_file,
-                          same_settings, stored_config)
-from train.manifest import load_manifest, write_manifest
-from train.plots import pyplot, save_png
-from train.provenance import versions
+from edge_runtime.resources import WORKSPACE
+from .checkpoints import save_resume_point
+from .config import (PROVENANCE_KEY, add_set_argument, available, load_config, parse_overrides, preprocessing,
+                     read_config_file, same_settings, stored_config)
+from .manifest import load_manifest, write_manifest
+from .plots import pyplot, save_png
+from .provenance import versions
 
 if TYPE_CHECKING:
     import tensorflow as tf
     import tf_keras as keras
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("head", "finetune")
 HISTORY_FIELDS = ("phase", "epoch", "lr", "loss", "accuracy", "val_loss", "val_accuracy", "val_mcc", "seconds")
 
@@ -62,25 +63,41 @@ HISTORY_FIELDS = ("phase", "epoch", "lr", "loss", "accuracy", "val_loss", "val_a
 # ---------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
+                        help="run directory to create, or to continue with --resume (default: runs/<manifest folder>-<time>)")
     parser.add_argument("--manifest", help="manifest.json from `oncolite split` (not needed with --resume)")
-    parser.add_argument("--run", help="run directory to create (default: runs/<manifest folder>-<time>)")
+    parser.add_argument("--run", dest="old_run", help=argparse.SUPPRESS)  # the old spelling of RUN_DIR
     parser.add_argument("--config", help="a config file (JSON; a run's config.json works) over the defaults")
     parser.add_argument("--profile", choices=available("profiles"), help="configs/profiles/<name>.json")
     parser.add_argument("--dataset", choices=available("datasets"), help="configs/datasets/<name>.json")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set finetune_lr=1e-5 --set augment.vflip=true (repeatable)")
+    add_set_argument(parser)
     folds = parser.add_mutually_exclusive_group()
     folds.add_argument("--fold", type=int, help="train on fold i of the manifest's cross-validation")
     folds.add_argument("--folds", type=int, metavar="K", help="train every fold 0..K-1 into RUN/folds/<i>/ and report mean and spread")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last completed epoch")
+    # A flag: `--resume RUN_DIR`, the old spelling, is the same words in another order.
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run RUN_DIR from its last completed epoch, with its own settings")
     parser.add_argument("--tune", type=int, metavar="N", help="first search N KerasTuner trials on the validation side")
     add_output_flags(parser)
 
 
+def given_run_dir(args) -> str | None:
+    """RUN_DIR, from its place (the first argument) or from an old spelling (with a note)."""
+    if args.old_run:
+        if args.run_dir:
+            raise OncoliteError(f"--run {args.old_run} and {args.run_dir}: give the run directory once, first")
+        old_spelling(args, f"--run {args.old_run}", f"oncolite train {args.old_run} ...")
+        return args.old_run
+    return args.run_dir
+
+
 def main(args) -> int:
     quiet = args.quiet or args.json
+    given = given_run_dir(args)
     if args.resume:
-        run_dir = Path(args.resume)
+        if not given:
+            raise OncoliteError("oncolite train --resume: which run? give its directory: oncolite train RUN_DIR --resume")
+        run_dir = Path(given)
         config, provenance = read_run_config(run_dir)
         # The original manifest, or the run's own copy if the original has moved.
         source = provenance["manifest"] if Path(provenance["manifest"]).exists() else run_dir / "manifest.json"
@@ -89,17 +106,17 @@ def main(args) -> int:
         folds, fold = provenance.get("folds"), provenance.get("fold")
     else:
         if not args.manifest:
-            raise OncoliteError("oncolite train: --manifest is required (or --resume RUN_DIR)")
+            raise OncoliteError("oncolite train: --manifest is required (or RUN_DIR --resume to continue a run)")
         # Settings first: a mistyped --set is refused before minutes of hashing the manifest's files.
         config = load_config(dataset=args.dataset, profile=args.profile, path=args.config,
                              overrides=parse_overrides(args.set))
         manifest = load_manifest(args.manifest)
-        run_dir = Path(args.run or REPO_ROOT / "runs" / f"{Path(args.manifest).resolve().parent.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = Path(given or WORKSPACE / "runs" / f"{Path(args.manifest).resolve().parent.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         folds, fold = args.folds, args.fold
         for f in range(folds) if folds else [fold]:  # before --tune's trials, too
             check_training_labels(manifest, f)
         if args.tune:
-            from train.tune import tune
+            from .tune import tune
 
             config = tune(run_dir, manifest, config, trials=args.tune, fold=fold, quiet=quiet)
         provenance = {"manifest": str(Path(args.manifest).resolve()), "manifest_sha256": manifest.sha256,
@@ -172,7 +189,7 @@ def refuse_other_run(run_dir: Path, config: dict) -> None:
         # Only the keys both hold: a run started before defaults.json gained a key lacks it.
         if not same_settings(read_config_file(config_path), config):
             raise OncoliteError(f"{run_dir}: already holds a run with another config; "
-                                f"continue it with --resume {run_dir} or choose another --run")
+                                f"continue it with `oncolite train {run_dir} --resume` or choose another RUN_DIR")
 
 
 def copy_manifest(manifest, destination: Path) -> str:
@@ -282,7 +299,7 @@ class Trainer:
     """One run directory, one split: builds, trains both phases, checkpoints, resumes."""
 
     def __init__(self, run_dir: Path, sides: dict, labels: list[str], config: dict, log: Log, quiet: bool):
-        from train.data import label_indices
+        from .data import label_indices
 
         self.run_dir, self.sides, self.labels, self.config, self.log, self.quiet = run_dir, sides, labels, config, log, quiet
         self.prep = preprocessing(config)
@@ -315,7 +332,7 @@ class Trainer:
     def build(self) -> keras.Model:
         import tf_keras as keras
 
-        from train import model as model_lib
+        from . import model as model_lib
 
         keras.mixed_precision.set_global_policy("mixed_float16" if self.mixed else "float32")
         c = self.config
@@ -329,7 +346,7 @@ class Trainer:
     def compile(self, model: keras.Model, phase: str) -> None:
         import tf_keras as keras
 
-        from train import model as model_lib
+        from . import model as model_lib
 
         model_lib.set_trainable_depth(model, 0 if phase == "head" else self.config["finetune_depth"],
                                       train_batchnorm=self.config["weights"] is None)
@@ -356,7 +373,7 @@ class Trainer:
     # -- loop
 
     def datasets(self):
-        from train.data import class_weights, label_indices, make_dataset
+        from .data import class_weights, label_indices, make_dataset
 
         c = self.config
         oversample = bool(c["oversample"])
@@ -498,7 +515,7 @@ def save_float_model(model: keras.Model, path: Path, config: dict, n_classes: in
     QAT and TFLite export see plain float layers)."""
     import tf_keras as keras
 
-    from train import model as model_lib
+    from . import model as model_lib
 
     if mixed:
         keras.mixed_precision.set_global_policy("float32")
@@ -517,8 +534,8 @@ def train_run(run_dir: str | Path, manifest, config: dict, provenance: dict, fol
     evaluate_test=False never touches the test side (hyperparameter search)."""
     import tf_keras as keras
 
-    from train import model as model_lib
-    from train.data import image_errors, label_indices, make_dataset
+    from . import model as model_lib
+    from .data import image_errors, label_indices, make_dataset
 
     run_dir = Path(run_dir)
     check_training_labels(manifest, fold)
@@ -544,8 +561,10 @@ def train_run(run_dir: str | Path, manifest, config: dict, provenance: dict, fol
             with image_errors():
                 probs = model.predict(ds, verbose=0)
             summary[side] = side_metrics(label_indices(sides[side], labels), probs)
+    # Saving a distributed model runs collectives, so every worker saves: the others beside their state.
+    saved = run_dir / "models" / "float.keras" if trainer.chief else trainer.state_dir.parent / "float.keras"
+    save_float_model(model, saved, config, len(labels), trainer.mixed)
     if trainer.chief:
-        save_float_model(model, run_dir / "models" / "float.keras", config, len(labels), trainer.mixed)
         write_json(run_dir / "train" / "summary.json", summary)
         stored = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         stored[PROVENANCE_KEY]["head_summary"] = summary["head_summary"]

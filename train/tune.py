@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from edge_runtime.atomic import write_json
-from train.config import deep_merge
+from .config import deep_merge
 
 
 def search_space(hp, space: dict) -> dict:
@@ -39,7 +39,7 @@ def tune(run_dir: str | Path, manifest, config: dict, trials: int, fold: int | N
     """Search `trials` configs on the validation side; returns `config` with the best values."""
     import keras_tuner as kt
 
-    from train.train import train_run
+    from .train import train_run
 
     tune_dir = Path(run_dir) / "train" / "tune"
     monitor = config["monitor"]
