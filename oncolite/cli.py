@@ -5,6 +5,7 @@ from __future__ import annotations
 from edge_runtime.cli import EDGE_COMMANDS, dispatch
 
 COMMANDS = {
+    "config": ("oncolite.train.config", "every setting: its default, what it accepts and what it does (change one with --set)"),
     "run": ("oncolite.pipeline", "the whole pipeline on a dataset: audit, split, train, quantize, export, benchmark, report"),
     "audit": ("oncolite.train.audit", "audit a dataset: unreadable files, masks, exact/near duplicates, label conflicts, statistics"),
     "split": ("oncolite.train.splits", "leak-free, stratified, group-aware train/val/test split and k-fold CV, saved as a manifest"),
@@ -20,7 +21,7 @@ COMMANDS = {
 
 # `oncolite --help` lists the commands by pipeline stage (a test checks each is listed once).
 GROUPS = {
-    "the whole pipeline": ["run"],
+    "the whole pipeline": ["run", "config"],
     "data": ["audit", "split"],
     "train": ["train", "evaluate", "explain"],
     "quantize and export": ["quantize", "export"],

@@ -48,6 +48,11 @@ def _exists(*paths):
     return check
 
 
+def _lists_every_setting(folder: Path, result) -> None:
+    for key in ("input_size", "augment.hflip", "qat.lr", "export.variants", "benchmark.runs"):
+        assert f"\n{key} = " in "\n" + result.stdout, key
+
+
 def _predict_json(folder: Path, result) -> None:
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert records[0]["type"] == "model" and (records[-1]["classified"], records[-1]["failed"]) == (3, 0)
@@ -80,6 +85,7 @@ NOT_RUN_PUBLISHED = "how the published runs/busi-full was made (minutes per fold
 # Every command the README shows (as `readme_commands` reads it) -> a Run, or why it is not run.
 # Runs go in this order, in one folder: each may use what an earlier one wrote.
 EXAMPLES: dict[str, Run | str] = {
+    "oncolite config [KEY ...]": Run(check=_lists_every_setting),
     "oncolite audit data/busi --out reports/busi/audit": Run(check=_exists("reports/busi/audit/audit.json")),
     "oncolite split data/busi --out manifest.json [--folds 5] [--random]": Run(check=_exists("manifest.json")),
     "oncolite train runs/r1 --manifest manifest.json [--profile full] [--fold i \\| --folds K]":

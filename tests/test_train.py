@@ -380,3 +380,33 @@ def test_deterministic_mode_repeats_a_run_exactly(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = json.loads(result.stdout.splitlines()[-1])
     assert first == second and 0 < first < 0.69  # learned something, and exactly the same twice
+
+
+def test_label_smoothing_loss_is_the_smoothed_cross_entropy():
+    import tensorflow as tf
+
+    from oncolite.train.train import training_loss
+
+    assert training_loss(3, 0.0) == "sparse_categorical_crossentropy"
+    probs = tf.constant([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    loss = training_loss(3, 0.3)(tf.constant([0, 2]), probs).numpy()
+    targets = np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]])  # 1 - 0.3 + 0.3/3 on the label, 0.3/3 elsewhere
+    assert np.allclose(loss, -(targets * np.log(probs.numpy())).sum(axis=1), atol=1e-5)
+
+
+def test_weight_decay_and_label_smoothing_train_and_the_model_loads_anywhere(tmp_path):
+    """AdamW shrinks the trained weights against plain Adam on the same run; the saved float
+    model carries no custom loss, so plain Keras loads it compiled or not."""
+    import tf_keras as keras
+
+    from oncolite.train.train import train_run
+
+    manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR, counts=(24, 8, 8)))
+    short = {**PRETRAINED, "head_epochs": 2, "finetune_epochs": 0, "head_lr": 0.01, "seed": 3, "deterministic": True}
+    norms = {}
+    for name, extra in (("adam", {}), ("adamw", {"weight_decay": 0.5, "label_smoothing": 0.2})):
+        train_run(tmp_path / name, manifest, load_config(overrides={**short, **extra}), {"manifest": str(manifest.path)},
+                  quiet=True)
+        model = keras.models.load_model(tmp_path / name / "models" / "float.keras", safe_mode=True)
+        norms[name] = float(np.linalg.norm(model.get_layer("predictions").get_weights()[0]))
+    assert norms["adamw"] < 0.95 * norms["adam"], norms

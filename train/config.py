@@ -231,6 +231,8 @@ RULES = {
     "monitor": _one_of("val_mcc", "val_loss"),
     "patience": _integer(1),
     "lr_schedule": _one_of("constant", "cosine", "plateau"),
+    "weight_decay": _number(0, 1),
+    "label_smoothing": _number(0, 1),
     "class_weights": _BOOL,
     "oversample": _BOOL,
     "augment.rotation": _number(0, 180, high_open=False, unit=" (degrees)"),
@@ -268,6 +270,70 @@ RULES = {
     "benchmark.threads": _list_of(_integer(1), allow_empty=True),
     "benchmark.warmup": _integer(0),
     "benchmark.runs": _integer(1),
+}
+
+# What each setting does, next to what it accepts (RULES) and its value in configs/defaults.json:
+# `oncolite config` prints the three together; a test keeps this table, RULES and the defaults
+# on the same keys.
+DOCS = {
+    "input_size": "square side, in pixels, the image is resized to for the network (the device uses the same)",
+    "resample": "resize filter of the one preprocessing, shared by training and the device",
+    "mean": "pixel mean subtracted before the network (per channel or one number); 128 puts uint8 pixels exactly on the int8 input grid",
+    "std": "pixel scale divided by after the mean; 128 maps [0, 255] to about [-1, 1]",
+    "alpha": "MobileNetV2 width multiplier (ImageNet weights are shipped for 1.0)",
+    "head": "classifier head: compact (pooling, dropout, dense) or reference (flatten, dense 1024)",
+    "dropout": "dropout rate before the classifier layer",
+    "dense_units": "hidden dense layer in the compact head (0: none)",
+    "weights": "backbone initialization: \"imagenet\" (the shipped file, never a download), null, or a .h5 path",
+    "int8_grid_layers": "conv layers whose BatchNorm-folded kernels are snapped to their int8 grid before training",
+    "batch_size": "images per training step (split across devices under tf.distribute)",
+    "head_epochs": "epochs of phase 1: the head alone on the frozen backbone",
+    "finetune_epochs": "epochs of phase 2: the top `finetune_depth` backbone layers train too",
+    "head_lr": "phase-1 learning rate",
+    "finetune_lr": "phase-2 learning rate",
+    "finetune_depth": "backbone layers (from the top) that phase 2 trains; BatchNorm stays frozen",
+    "monitor": "validation figure that picks the best epoch and stops early",
+    "patience": "epochs without a better `monitor` before a phase stops",
+    "lr_schedule": "learning rate over a phase: constant, cosine decay, or halved on a plateau",
+    "weight_decay": "decoupled weight decay (AdamW) per step, relative to the learning rate; 0: plain Adam",
+    "label_smoothing": "share of each one-hot target spread evenly over the classes (0: none)",
+    "class_weights": "weight the loss by inverse class frequency",
+    "oversample": "oversample rare classes instead (use one of the two)",
+    "augment.rotation": "random rotation, up to this many degrees either way",
+    "augment.shift": "random translation, up to this fraction of the side",
+    "augment.shear": "random shear, up to this many radians",
+    "augment.zoom": "random zoom, up to this fraction",
+    "augment.hflip": "random horizontal flips",
+    "augment.vflip": "random vertical flips (off for ultrasound: the probe is at the top)",
+    "augment.rot90": "random 90-degree rotations and transposes (histology tiles have no up)",
+    "augment.color_jitter": "random brightness/contrast/saturation/hue strength (0: none)",
+    "cache": "keep decoded training images in memory: true, false, or auto (when they fit)",
+    "seed": "seed of splits, shuffling, augmentation and initialization",
+    "deterministic": "bit-reproducible training (slower: deterministic TF ops, one thread for data)",
+    "mixed_precision": "float16 compute on a GPU: auto (when one is there), true or false",
+    "distribute": "tf.distribute strategy: auto (mirrored over GPUs), none, mirrored, multiworker (TF_CONFIG)",
+    "folds": "cross-validation folds to train (`oncolite run`; train's --folds K overrides)",
+    "tune.trials": "KerasTuner trials on the validation side before training (0: no search; train's --tune N overrides)",
+    "tune.epochs": "epochs per tuner trial",
+    "tune.lr": "tuner search range of the fine-tuning learning rate",
+    "tune.dropout": "tuner search range of the dropout rate",
+    "tune.dense_units": "tuner choices of the head's hidden units",
+    "tune.finetune_depth": "tuner choices of the fine-tuned depth",
+    "qat.epochs": "quantization-aware fine-tuning epochs",
+    "qat.lr": "QAT learning rate",
+    "qat.settle_steps": "forward passes that settle the activation ranges before QAT trains",
+    "qat.freeze_bn": "fold BatchNorm first, so QAT fake-quantizes the kernels the converter rounds",
+    "qat.distill": "train towards the float model's outputs (distillation) rather than the labels alone",
+    "qat.distill_weight": "share of the distillation term in the QAT loss (the rest: label cross-entropy)",
+    "qat.temperature": "distillation temperature",
+    "qat.patience": "QAT epochs without better validation agreement before stopping",
+    "export.calibration_images": "training images that calibrate the integer models' activation ranges",
+    "export.variants": "what `oncolite export` makes (the variants table, edge_runtime/variants.py)",
+    "export.int8_io": "integer models' input/output type: int8, uint8 or float",
+    "export.gate": "largest validation agreement loss against float an integer model may have without a warning",
+    "benchmark.threads": "interpreter thread counts the benchmark times ([] : no timing)",
+    "benchmark.warmup": "untimed invokes before timing",
+    "benchmark.runs": "timed invokes per model and thread count",
 }
 
 
@@ -367,3 +433,38 @@ def preprocessing(config: dict) -> Preprocessing:
     """The model's input contract from a resolved config (the one preprocessing's parameters)."""
     return Preprocessing(height=config["input_size"], width=config["input_size"], mean=config["mean"],
                          std=config["std"], resample=config["resample"])
+
+
+def describe(keys: list[str] | None = None) -> list[str]:
+    """`key = default` lines with what each accepts and does, in configs/defaults.json's order."""
+    defaults = read_config_file(DEFAULTS_PATH)
+
+    def leaves(d: dict, prefix: str = ""):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    lines = []
+    for key, value in leaves(defaults):
+        if keys and not any(key == k or key.startswith(f"{k}.") for k in keys):
+            continue
+        accepted = RULES[key][1] if key in RULES else '"imagenet", null or the path of a .h5 file'
+        lines.append(f"{key} = {json.dumps(value)}\n    {DOCS[key]}; accepts {accepted}")
+    return lines
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("keys", nargs="*", metavar="KEY", help="settings or sections to show (default: all), e.g. qat export.gate")
+
+
+def main(args) -> int:
+    """`oncolite config`: every setting with its default, what it accepts and what it does."""
+    lines = describe(args.keys)
+    if not lines:
+        raise ConfigError(f"no setting named {', '.join(args.keys)}; `oncolite config` lists them all")
+    print("\n".join(lines))
+    print(f"\n(defaults: {DEFAULTS_PATH}; change one with --set KEY=VALUE or a --config file)")
+    return 0
+

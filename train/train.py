@@ -350,9 +350,17 @@ class Trainer:
 
         model_lib.set_trainable_depth(model, 0 if phase == "head" else self.config["finetune_depth"],
                                       train_batchnorm=self.config["weights"] is None)
+        c = self.config
         with self.strategy.scope():
-            model.compile(optimizer=keras.optimizers.Adam(self.config[f"{phase}_lr"]),
-                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            lr = c[f"{phase}_lr"]
+            if c["weight_decay"]:
+                # Decoupled weight decay (AdamW); biases and BatchNorm parameters are not decayed.
+                optimizer = keras.optimizers.AdamW(lr, weight_decay=c["weight_decay"])
+                optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+            else:
+                optimizer = keras.optimizers.Adam(lr)
+            model.compile(optimizer=optimizer, loss=training_loss(len(self.labels), c["label_smoothing"]),
+                          metrics=["accuracy"])
             # Slot variables exist before a restore, so the optimizer state comes back exactly.
             model.optimizer.build(model.trainable_variables)
 
@@ -510,21 +518,38 @@ def plot_curves(path: Path, history: list[dict]) -> None:
     save_png(fig, path)
 
 
+def training_loss(n_classes: int, label_smoothing: float):
+    """Cross-entropy on integer labels, with the one-hot targets smoothed towards uniform by
+    `label_smoothing` (tf-keras' sparse loss has no smoothing of its own)."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    if not label_smoothing:
+        return "sparse_categorical_crossentropy"
+
+    def smoothed_sparse_crossentropy(y_true, y_pred):
+        targets = tf.one_hot(tf.cast(tf.reshape(y_true, [-1]), tf.int32), n_classes)
+        return keras.losses.categorical_crossentropy(targets, y_pred, label_smoothing=label_smoothing)
+
+    return smoothed_sparse_crossentropy
+
+
 def save_float_model(model: keras.Model, path: Path, config: dict, n_classes: int, mixed: bool) -> None:
-    """models/float.keras in float32 (a mixed-precision model is rebuilt in float32 first, so
-    QAT and TFLite export see plain float layers)."""
+    """models/float.keras: the network alone, uncompiled, in float32. It is rebuilt and given the
+    trained weights: a mixed-precision model becomes plain float layers for QAT and TFLite export,
+    and the file carries no training loss or optimizer (a custom loss such as label smoothing's
+    would make `keras.models.load_model` fail outside oncolite)."""
     import tf_keras as keras
 
     from . import model as model_lib
 
     if mixed:
         keras.mixed_precision.set_global_policy("float32")
-        plain = model_lib.build_classifier(n_classes, config["input_size"], config["input_size"], config["alpha"],
-                                           config["head"], config["dropout"], config["dense_units"], weights=None)
-        plain.set_weights(model.get_weights())
-        model = plain
+    plain = model_lib.build_classifier(n_classes, config["input_size"], config["input_size"], config["alpha"],
+                                       config["head"], config["dropout"], config["dense_units"], weights=None)
+    plain.set_weights(model.get_weights())
     with atomic_path(path) as tmp:
-        model.save(tmp)
+        plain.save(tmp)
 
 
 def train_run(run_dir: str | Path, manifest, config: dict, provenance: dict, fold: int | None = None,
