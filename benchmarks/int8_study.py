@@ -141,7 +141,7 @@ def weight_ablation(fold_dir: Path, out: Path, say) -> None:
     layer's kernel is rounded to its int8 grid (the converter's nearest rounding, BatchNorm
     folded) and when every kernel but that one is; activations stay float. Saved as
     out/ablation.json (resumes per fold)."""
-    from oncolite.quantize.rounding import weight_layers, folded_kernel, grid_step, round_nearest, write_kernel
+    from oncolite.train.int8_grid import folded_kernel, grid_step, round_nearest, weight_layers, write_kernel
     from oncolite.quantize.rundir import open_run
     from oncolite.train.model import load_float_model
 

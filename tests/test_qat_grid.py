@@ -9,7 +9,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from oncolite.quantize.qat import quantize_float_model, settle_ranges
-from oncolite.quantize.rounding import weight_layers
+from oncolite.train.int8_grid import weight_layers
 from test_rounding import convert, gray_images, outputs, tiny_model
 
 KERNEL_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)

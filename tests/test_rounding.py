@@ -6,7 +6,8 @@ import oncolite.train  # noqa: F401
 import tensorflow as tf
 import tf_keras as keras
 
-from oncolite.quantize.rounding import weight_layers, folded_kernel, grid_step, reconstruct_weights
+from oncolite.quantize.rounding import reconstruct_weights
+from oncolite.train.int8_grid import folded_kernel, grid_step, weight_layers
 from oncolite.train.model import build_classifier
 
 SIZE = 32

@@ -7,21 +7,9 @@ import oncolite.train  # noqa: F401
 import tensorflow as tf
 import tf_keras as keras
 
-from oncolite.train.model import build_classifier, snap_to_int8_grid
+from oncolite.train.model import snap_to_int8_grid
 
-SIZE = 32
-
-
-def tiny_model(seed: int) -> keras.Model:
-    model = build_classifier(3, SIZE, SIZE, alpha=0.35, weights=None, dropout=0.0)
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            gamma, beta, mean, var = layer.get_weights()
-            # Non-trivial statistics, so folding really changes each channel's scale.
-            layer.set_weights([rng.uniform(0.2, 3, gamma.shape), rng.normal(0, 0.1, beta.shape),
-                               rng.normal(0, 0.1, mean.shape), rng.uniform(0.01, 4, var.shape)])
-    return model
+from test_rounding import SIZE, tiny_model  # the seeded tiny MobileNetV2 with non-trivial BatchNorm statistics
 
 
 def folded_conv1(model: keras.Model) -> np.ndarray:

@@ -58,27 +58,18 @@ def snap_to_int8_grid(model: keras.Model, layer_names) -> list[str]:
     before training gives a float model whose int8 conversion rounds them without error.
     Returns the names of the layers snapped.
     """
-    import numpy as np
+    from .int8_grid import folded_kernel, grid_step, round_nearest, weight_layers, write_kernel
 
-    layers, snapped = model.layers, []
-    for i, layer in enumerate(layers[:-1]):
-        bn = layers[i + 1]
-        if layer.name not in layer_names or not isinstance(bn, keras.layers.BatchNormalization):
-            continue
-        gamma, _, _, variance = bn.get_weights()
-        scale = gamma / np.sqrt(variance + bn.epsilon)
-        # Keras kernels: Conv2D (h, w, in, out), DepthwiseConv2D (h, w, in, multiplier).
-        depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
-        shape, reduce = ((1, 1, -1, 1), (0, 1, 3)) if depthwise else ((1, 1, 1, -1), (0, 1, 2))
-        kernel, *rest = layer.get_weights()
-        folded = kernel * scale.reshape(shape)
-        step = np.abs(folded).max(axis=reduce, keepdims=True) / 127
-        step = np.where(step == 0, 1, step)
-        layer.set_weights([(np.round(folded / step) * step / scale.reshape(shape)).astype(kernel.dtype), *rest])
-        snapped.append(layer.name)
-    missing = set(layer_names) - set(snapped)
+    folded = {layer.name: (layer, bn) for layer, bn in weight_layers(model) if bn is not None}
+    missing = set(layer_names) - set(folded)
     if missing:
         raise ValueError(f"int8_grid_layers: no conv layer followed by BatchNormalization named {sorted(missing)}")
+    snapped = [name for name in folded if name in set(layer_names)]
+    for name in snapped:
+        layer, bn = folded[name]
+        rows = folded_kernel(layer, bn)
+        step = grid_step(rows)
+        write_kernel(layer, bn, round_nearest(rows, step) * step[:, None])
     return snapped
 
 
