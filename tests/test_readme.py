@@ -136,10 +136,11 @@ EXAMPLES: dict[str, Run | str] = {
     "oncolite benchmark RUN --target adb[:serial]": "needs an Android device: tests/test_ssh_target.py parses adb output",
     "oncolite export runs/busi-full/folds/<i> --variants ...": NOT_RUN_PUBLISHED,
     "oncolite benchmark runs/busi-full/folds/<i> --no-timing": NOT_RUN_PUBLISHED,
+    "oncolite benchmark runs/busi-full/folds/0": NOT_RUN_PUBLISHED,
+    "oncolite config": NOT_RUN_MENTION,
     "python -m edge_runtime predict|serve|bench|info|slidemap": NOT_RUN_MENTION,
     "oncolite train RUN_DIR": NOT_RUN_MENTION,
     "oncolite export": NOT_RUN_MENTION,
-    "oncolite benchmark": NOT_RUN_MENTION,
 }
 
 
