@@ -436,22 +436,14 @@ def preprocessing(config: dict) -> Preprocessing:
 
 
 def describe(keys: list[str] | None = None) -> list[str]:
-    """`key = default` lines with what each accepts and does, in configs/defaults.json's order."""
+    """`key = default` lines with what each accepts and does, in DOCS' order (configs/defaults.json's)."""
     defaults = read_config_file(DEFAULTS_PATH)
-
-    def leaves(d: dict, prefix: str = ""):
-        for key, value in d.items():
-            if isinstance(value, dict):
-                yield from leaves(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-
     lines = []
-    for key, value in leaves(defaults):
+    for key, doc in DOCS.items():
         if keys and not any(key == k or key.startswith(f"{k}.") for k in keys):
             continue
         accepted = RULES[key][1] if key in RULES else '"imagenet", null or the path of a .h5 file'
-        lines.append(f"{key} = {json.dumps(value)}\n    {DOCS[key]}; accepts {accepted}")
+        lines.append(f"{key} = {json.dumps(_lookup(defaults, key))}\n    {doc}; accepts {accepted}")
     return lines
 
 
