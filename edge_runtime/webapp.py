@@ -38,7 +38,8 @@ from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
 from edge_runtime.resources import WORKSPACE
 
 ASSETS_DIR = Path(__file__).resolve().parent / "webapp_static"
-APP_CSS = Path(__file__).resolve().parent / "static" / "app.css"
+# Shared with the server page: its stylesheet and the answer's rendering.
+SERVER_PAGE_FILES = {name: Path(__file__).resolve().parent / "static" / name for name in ("app.css", "answer.js")}
 FORMAT = "oncolite-webapp/1"
 CHROMIUM = "/usr/bin/chromium"
 # Headless Debian Chromium at a phone's size, touch and user agent (never a downloaded browser).
@@ -153,7 +154,7 @@ def build(model_path, out, runtime_dir=None) -> dict:
 
     model_file = f"model-{model.sha256[:16]}.tflite"
     files: dict[str, bytes] = {name: (ASSETS_DIR / name).read_bytes() for name in PAGE_FILES}
-    files["app.css"] = APP_CSS.read_bytes()
+    files.update({name: path.read_bytes() for name, path in SERVER_PAGE_FILES.items()})
     files[model_file] = data
     for source, target in RUNTIME_FILES.items():
         files[target] = (runtime["dir"] / source).read_bytes()

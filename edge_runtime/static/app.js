@@ -1,6 +1,6 @@
 // The field page: send one image to /api/predict and show the answer. No library, no network
 // beyond this server (the CSP forbids it anyway).
-"use strict";
+import { renderAnswer } from "./answer.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -21,15 +21,6 @@ let token = takeToken();
 
 function authHeaders() {
   return token ? { Authorization: "Bearer " + token } : {};
-}
-
-// Cancer-like classes red, lesion-but-benign amber, normal/negative green; others by position.
-function tone(label, index) {
-  const name = String(label).toLowerCase();
-  if (/^(non|no|not)[-_ ]|negative|normal|healthy/.test(name)) return "tone-green";
-  if (/malignan|cancer|carcinoma|idc|tumou?r|positive/.test(name)) return "tone-red";
-  if (/benign/.test(name)) return "tone-amber";
-  return "tone-" + (index % 6);
 }
 
 function show(id, visible) {
@@ -61,52 +52,10 @@ function askForToken() {
 function renderResult(result) {
   const labels = Object.keys(result.probabilities);
   const threshold = (result.model && result.model.threshold) || null;
-  // Inside the model's uncertain band the int8 answer may differ from the float model's: the
-  // answer is shown in a neutral colour, never as a confident red or green.
   const uncertain = result.uncertain === true;
-  const prediction = $("prediction");
-  prediction.textContent = result.label;
-  prediction.dataset.label = result.label;
-  prediction.dataset.uncertain = String(uncertain);
-  prediction.className = "label " + (uncertain ? "tone-uncertain" : tone(result.label, labels.indexOf(result.label)));
+  renderAnswer(result, labels, threshold, uncertain);
   show("uncertain", uncertain);
-  // The rule beside the answer: with a threshold, the highest bar is not always the answer.
   $("rule").textContent = "Decision rule: " + String(result.decision_rule).replace(">=", "≥");
-
-  const bars = $("bars");
-  bars.replaceChildren();
-  labels.forEach((label, index) => {
-    const p = result.probabilities[label];
-    const item = document.createElement("li");
-    item.dataset.label = label;
-    item.dataset.probability = String(p);
-    if (label === result.label) item.classList.add("chosen");
-
-    const name = document.createElement("span");
-    name.className = "name";
-    name.textContent = label;
-    const value = document.createElement("span");
-    value.className = "value";
-    value.textContent = (100 * p).toFixed(1) + " %";
-    const track = document.createElement("div");
-    track.className = "track";
-    track.setAttribute("role", "img");
-    track.setAttribute("aria-label", label + " " + (100 * p).toFixed(1) + " percent");
-    const fill = document.createElement("div");
-    fill.className = "fill " + tone(label, index);
-    // CSSOM assignment, not a style attribute: allowed by the CSP's style-src 'self'.
-    fill.style.width = Math.max(0, Math.min(100, 100 * p)).toFixed(1) + "%";
-    track.append(fill);
-    if (threshold && threshold.positive === label) {
-      const mark = document.createElement("div");
-      mark.className = "threshold";
-      mark.title = "threshold " + (100 * threshold.value).toFixed(1) + " %";
-      mark.style.left = Math.max(0, Math.min(100, 100 * threshold.value)).toFixed(1) + "%";
-      track.append(mark);
-    }
-    item.append(name, value, track);
-    bars.append(item);
-  });
 
   $("meta").textContent = result.model.name + " · " + result.latency_ms.toFixed(1) + " ms on " + result.model.backend;
   show("result", true);

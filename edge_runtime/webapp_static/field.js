@@ -3,6 +3,7 @@
 // anywhere; the only requests are for this folder's own files, and after one visit the
 // service worker answers those from its cache.
 import { decode, resize, toInput, toProbabilities, decide, margin, digest, RESAMPLES } from "./preprocess.js";
+import { percent, renderAnswer } from "./answer.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -53,20 +54,6 @@ function fail(message) {
   $("error").textContent = message;
   show("error", true);
   rejectReady(new Error(message));
-}
-
-// Cancer-like classes red, lesion-but-benign amber, normal/negative green; others by position
-// (the server page's colour code, edge_runtime/static/app.js).
-function tone(label, index) {
-  const name = String(label).toLowerCase();
-  if (/^(non|no|not)[-_ ]|negative|normal|healthy/.test(name)) return "tone-green";
-  if (/malignan|cancer|carcinoma|idc|tumou?r|positive/.test(name)) return "tone-red";
-  if (/benign/.test(name)) return "tone-amber";
-  return "tone-" + (index % 6);
-}
-
-function percent(p) {
-  return (100 * p).toFixed(1) + " %";
 }
 
 // The rule in words comes from the builder (edge_runtime.model.decision_rule), as on the server page.
@@ -260,38 +247,9 @@ async function run(input) {
 
 function renderResult(result) {
   const facts = app.facts;
-  const prediction = $("prediction");
-  prediction.textContent = result.label;
-  prediction.dataset.label = result.label;
-  prediction.className = "label " + tone(result.label, facts.labels.indexOf(result.label));
+  renderAnswer(result, facts.labels, facts.threshold, result.uncertain === true);
   $("probability").textContent = "p = " + percent(result.probability);
   $("uncertain").hidden = result.uncertain !== true;
-
-  const bars = $("bars");
-  bars.replaceChildren();
-  facts.labels.forEach((label, index) => {
-    const p = result.probabilities[label];
-    const item = document.createElement("li");
-    item.dataset.label = label;
-    item.dataset.probability = String(p);
-    if (label === result.label) item.classList.add("chosen");
-    const name = document.createElement("span");
-    name.className = "name";
-    name.textContent = label;
-    const value = document.createElement("span");
-    value.className = "value";
-    value.textContent = percent(p);
-    const track = document.createElement("div");
-    track.className = "track";
-    track.setAttribute("role", "img");
-    track.setAttribute("aria-label", label + " " + (100 * p).toFixed(1) + " percent");
-    const fill = document.createElement("div");
-    fill.className = "fill " + tone(label, index);
-    fill.style.width = Math.max(0, Math.min(100, 100 * p)).toFixed(1) + "%";  // CSSOM: allowed by the CSP
-    track.append(fill);
-    item.append(name, value, track);
-    bars.append(item);
-  });
   $("rule").textContent = decisionRule(facts);
   const size = result.image.downscaled
     ? ` · photo ${result.image.width}×${result.image.height} downscaled on this device to ${result.image.decoded.join("×")} first`
