@@ -117,6 +117,11 @@ def _dispatch(prog: str, commands: dict, argv, groups: dict) -> int:
     except KeyboardInterrupt:
         print(f"{prog} {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`... | head`): stop as a pipe's writer does, without a traceback;
+        # stdout goes to devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
 
 
 def main(argv=None) -> int:

@@ -109,6 +109,15 @@ def _predict_stderr(model, image, env) -> str:
     return result.stderr
 
 
+def test_a_reader_that_goes_away_ends_the_output_without_a_traceback(model, tmp_path):
+    write_images(tmp_path / "many", n=40, size=16)
+    command = (f"{sys.executable} -m edge_runtime predict {os.fspath(model)} {tmp_path / 'many'} --csv | head -2; "
+               "echo status=${PIPESTATUS[0]}")
+    result = subprocess.run(["bash", "-c", command], env=USER_ENV, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert len(result.stdout.splitlines()) == 3 and "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert result.stdout.splitlines()[-1] in ("status=0", "status=141")  # 0 only if it all fit the pipe's buffer first
+
+
 def test_litert_delegate_line_is_silent_by_default_and_shown_at_log_level_0(model, images):
     image = next(images.glob("*.png"))
     assert _predict_stderr(model, image, USER_ENV) == ""

@@ -330,7 +330,7 @@ DOCS = {
     "export.calibration_images": "training images that calibrate the integer models' activation ranges",
     "export.variants": "what `oncolite export` makes (the variants table, edge_runtime/variants.py)",
     "export.int8_io": "integer models' input/output type: int8, uint8 or float",
-    "export.gate": "largest validation agreement loss against float an integer model may have without a warning",
+    "export.gate": "largest validation accuracy loss against float an integer model may have before the export warns (and runs the quantization debugger)",
     "benchmark.threads": "interpreter thread counts the benchmark times ([] : no timing)",
     "benchmark.warmup": "untimed invokes before timing",
     "benchmark.runs": "timed invokes per model and thread count",
@@ -419,8 +419,10 @@ def with_overrides(config: dict, pairs: list[str], section: str) -> dict:
     defaults = read_config_file(DEFAULTS_PATH)
     for key in overrides:
         if key != section:
+            fix = (f"write it --set {section}.{key}=VALUE" if key in defaults[section]
+                   else f"set {key} when training the run")
             raise ConfigError(f"--set {key}: this command reads only the {section}.* settings "
-                              f"({', '.join(sorted(defaults[section]))}); set {key} when training the run")
+                              f"({', '.join(f'{section}.{k}' for k in sorted(defaults[section]))}); {fix}")
     validate(overrides, defaults, "--set")
     merged = deep_merge(config, overrides)
     for name, (test, accepted) in RULES.items():
@@ -435,28 +437,33 @@ def preprocessing(config: dict) -> Preprocessing:
                          std=config["std"], resample=config["resample"])
 
 
-def describe(keys: list[str] | None = None) -> list[str]:
-    """`key = default` lines with what each accepts and does, in DOCS' order (configs/defaults.json's)."""
+def describe(keys: list[str] | None = None) -> list[dict]:
+    """Each setting (or those under `keys`) with its default, what it accepts and what it does,
+    in DOCS' order (configs/defaults.json's)."""
     defaults = read_config_file(DEFAULTS_PATH)
-    lines = []
-    for key, doc in DOCS.items():
-        if keys and not any(key == k or key.startswith(f"{k}.") for k in keys):
-            continue
-        accepted = RULES[key][1] if key in RULES else '"imagenet", null or the path of a .h5 file'
-        lines.append(f"{key} = {json.dumps(_lookup(defaults, key))}\n    {doc}; accepts {accepted}")
-    return lines
+    return [{"key": key, "default": _lookup(defaults, key), "doc": doc,
+             "accepts": RULES[key][1] if key in RULES else '"imagenet", null or the path of a .h5 file'}
+            for key, doc in DOCS.items() if not keys or any(key == k or key.startswith(f"{k}.") for k in keys)]
 
 
 def add_arguments(parser) -> None:
+    from edge_runtime.console import add_output_flags
+
     parser.add_argument("keys", nargs="*", metavar="KEY", help="settings or sections to show (default: all), e.g. qat export.gate")
+    add_output_flags(parser)
 
 
 def main(args) -> int:
     """`oncolite config`: every setting with its default, what it accepts and what it does."""
-    lines = describe(args.keys)
-    if not lines:
-        raise ConfigError(f"no setting named {', '.join(args.keys)}; `oncolite config` lists them all")
-    print("\n".join(lines))
-    print(f"\n(defaults: {DEFAULTS_PATH}; change one with --set KEY=VALUE or a --config file)")
-    return 0
+    from edge_runtime.console import print_json
 
+    settings = describe(args.keys)
+    if not settings:
+        raise ConfigError(f"no setting named {', '.join(args.keys)}; `oncolite config` lists them all")
+    if args.json:
+        print_json({"defaults": str(DEFAULTS_PATH), "settings": settings})
+        return 0
+    print("\n".join(f"{s['key']} = {json.dumps(s['default'])}\n    {s['doc']}; accepts {s['accepts']}" for s in settings))
+    if not args.quiet:
+        print(f"\n(defaults: {DEFAULTS_PATH}; change one with --set KEY=VALUE or a --config file)")
+    return 0
