@@ -443,7 +443,9 @@ def _ops(run: Run, variant: str, model_bytes: bytes, integer: bool, options: dic
 
 
 def on_disk(run: Run, exclude) -> dict:
-    """Variants exported by earlier calls whose model and sidecar are both in models/."""
+    """Variants exported by earlier calls whose model and sidecar are both in models/; one made
+    from a source model (float, QAT, the chosen candidate) that has changed since is marked stale,
+    so the report never compares models of two trainings without saying so."""
     found = {}
     for name, spec in VARIANTS.items():
         path = run.models / f"{name}.tflite"
@@ -455,7 +457,12 @@ def on_disk(run: Run, exclude) -> dict:
             continue
         if facts.get("sha256") != file_sha256(path):
             continue
-        found[name] = {"status": "earlier export", "sidecar": facts, **({"selection": facts["selection"]} if "selection" in facts else {}),
+        source = facts.get("source") or {}
+        made_from = run.models / Path(source.get("model", "")).name  # recorded as "models/<file>" (model_source)
+        stale = source.get("sha256") != (file_sha256(made_from) if made_from.is_file() else None)
+        status = (f"earlier export, STALE: {source.get('model')} has changed since; re-export it with --variants {name}"
+                  if stale else "earlier export")
+        found[name] = {"status": status, "sidecar": facts, **({"selection": facts["selection"]} if "selection" in facts else {}),
                        **_ops(run, name, path.read_bytes(), spec.integer, facts["options"])}
     return found
 

@@ -316,3 +316,20 @@ def test_selective_names_are_checked_and_the_suggested_command_pastes(run_dir, e
     check_tensor_names(run, names)  # the names the report suggests are the model's
     with pytest.raises(OncoliteError, match="is not a tensor of int8_ptq.tflite"):
         check_tensor_names(run, [names[0] + "x"])
+
+
+def test_an_earlier_export_of_a_changed_float_model_is_marked_stale(run_dir, exported, tmp_path):
+    """A new training rewrites float.keras: the report must not show the old int8 models as if
+    they were made from it (issue 16's new-user trial)."""
+    import shutil
+
+    from oncolite.quantize.export import on_disk
+    from oncolite.quantize.rundir import open_run
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert on_disk(open_run(copy), exclude={})["int8_ptq"]["status"] == "earlier export"
+    with open(copy / "models" / "float.keras", "ab") as f:
+        f.write(b"\0")  # another training's bytes
+    status = on_disk(open_run(copy), exclude={})["int8_ptq"]["status"]
+    assert "STALE" in status and "--variants int8_ptq" in status
