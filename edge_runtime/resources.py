@@ -25,3 +25,10 @@ SHIPPED_MODEL = DATA_ROOT / "models" / "busi" / "int8.tflite"
 # Where the folders beside the code are (data/busi, runs/ when no --run is given, models/ and
 # reports/ of `oncolite run --publish`, web/node_modules): the checkout, else the current directory.
 WORKSPACE = CHECKOUT or Path()
+
+
+def shown(path) -> str:
+    """A path inside the workspace as a path relative to it, anything else unchanged: committed
+    reports and recorded commands name files the same on every machine."""
+    text, root = str(path), str(WORKSPACE.resolve()) + "/"
+    return text[len(root):] if text.startswith(root) else text

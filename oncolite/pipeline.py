@@ -18,7 +18,7 @@ from pathlib import Path
 from edge_runtime.atomic import write_json, write_text
 from edge_runtime.console import add_output_flags, old_spelling, print_json
 from edge_runtime.errors import EXIT_OK, OncoliteError
-from edge_runtime.resources import WORKSPACE
+from edge_runtime.resources import WORKSPACE, shown
 
 DEFAULT_DATA = WORKSPACE / "data" / "busi"
 STAGES = ("audit", "split", "train", "evaluate", "quantize", "export", "benchmark", "report")
@@ -232,14 +232,8 @@ def summarize(run: Path, fold_dirs: list[Path]) -> dict:
         variants[name] = entry
     pooled = pool(load_folds([d / "benchmark" for d in fold_dirs]))
     return {"variants": variants, "pooled": pooled, "split": per_fold[0].get("split"), "folds": len(fold_dirs),
-            "run": str(run), "stages": {k: {**v, "argv": [_shown(a) for a in v.get("argv", [])]}
+            "run": str(run), "stages": {k: {**v, "argv": [shown(a) for a in v.get("argv", [])]}
                                         for k, v in _load_state(run).items() if k != "settings"}}
-
-
-def _shown(arg: str) -> str:
-    """A path inside the repository as a path relative to it (reports are committed)."""
-    root = str(WORKSPACE.resolve()) + "/"
-    return arg[len(root):] if arg.startswith(root) else arg
 
 
 def summary_markdown(summary: dict, command: str | None = None) -> str:

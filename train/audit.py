@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -28,6 +29,7 @@ from edge_runtime.console import add_output_flags, old_spelling, print_json, pri
 from edge_runtime.errors import EXIT_OK, ImageError
 from edge_runtime.hashing import bytes_sha256, file_sha256
 from edge_runtime.preprocess import open_image
+from edge_runtime.resources import shown
 from .datasets import Dataset, add_dataset_arguments, dataset_from_args, patients_crossing_folds
 from .duplicates import components, equal_value_pairs, near_duplicate_pairs
 from .plots import pyplot, save_png
@@ -203,7 +205,7 @@ def report(audit: Audit, command: str = "", max_listed_pairs: int = 10_000) -> d
     return {
         "format": AUDIT_FORMAT,
         "command": command,
-        "data": _shown(ds.root),
+        "data": shown(Path(ds.root).resolve()),
         "layout": ds.layout,
         "settings": audit.settings,
         "images": len(records),
@@ -233,12 +235,6 @@ def report(audit: Audit, command: str = "", max_listed_pairs: int = 10_000) -> d
         "intensity": intensity,
         "seconds": round(audit.seconds, 2),
     }
-
-
-def _shown(path) -> str:
-    """A path relative to the working folder when inside it, so committed reports are not machine-specific."""
-    relative = os.path.relpath(path)
-    return str(path) if relative.startswith("..") else relative
 
 
 def _counted(values) -> dict:

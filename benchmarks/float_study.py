@@ -1,0 +1,198 @@
+"""`python -m oncolite.benchmarks.float_study BASE RUN...`: float training recipes side by side, pooled over CV folds.
+
+Each RUN is a cross-validation run directory (RUN/folds/<i>/ with a trained models/float.keras),
+trained on the same manifest as BASE with one recipe change (`oncolite train ... --set KEY=VALUE`).
+With k folds every image is held out once, so each recipe's figures pool all of the data set
+(BUSI: ~760 test images, ~385 validation images instead of 153 and 77 per fold). Recipes are
+*chosen* on the pooled validation figures (each fold's validation side, never its test side); the
+pooled test figures are what the choice is then worth. Differences to BASE come from a paired
+bootstrap over the same images, so they say whether a lever helps beyond resampling noise. The
+cost column is the training time here (the sum of the epochs' seconds in train/history.csv).
+
+Each fold's validation predictions are written once to FOLD/eval/float_val/ (by `evaluate`), its
+test predictions are the `evaluate` stage's FOLD/eval/float/; a re-run reads them back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.atomic import write_json, write_text
+from edge_runtime.console import add_output_flags, print_json
+from edge_runtime.errors import EXIT_OK, OncoliteError
+from oncolite.train import metrics
+
+from .int8_study import fold_dirs
+
+SIDE_DIRS = {"val": "float_val", "test": "float"}  # FOLD/eval/<dir>/predictions.csv
+REPORTED = ("accuracy", "mcc", "macro_roc_auc")
+# Settings that describe how a run was made, not the recipe: left out of "what changed".
+NOT_RECIPE = {"run", "folds", "tune", "qat", "export", "benchmark", "cache", "mixed_precision", "distribute"}
+
+
+def side_predictions(fold_dir: Path, side: str, quiet: bool) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(image paths, labels, true class indices, probabilities) of one fold's float model on one side."""
+    path = fold_dir / "eval" / SIDE_DIRS[side] / "predictions.csv"
+    if not path.is_file():
+        if not (fold_dir / "models" / "float.keras").is_file():
+            raise OncoliteError(f"{fold_dir}: no models/float.keras; train this fold first "
+                                f"(`oncolite train {fold_dir} --manifest ... --fold N`)")
+        from oncolite.train.evaluate import evaluate
+
+        evaluate(fold_dir, side=side, out=path.parent, bootstrap=0, quiet=quiet)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    labels = [name[2:] for name in rows[0] if name.startswith("p_")]
+    y = np.array([labels.index(r["true"]) for r in rows])
+    probs = np.array([[float(r[f"p_{label}"]) for label in labels] for r in rows])
+    return [Path(r["path"]).name for r in rows], labels, y, probs
+
+
+def recipe_changes(config: dict, base: dict) -> dict:
+    """The settings where a run's recipe differs from the base run's (nested keys dotted)."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if prefix == "" and k in NOT_RECIPE:
+                continue
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    mine, theirs = flat(config), flat(base)
+    from oncolite.train.config import load_config
+
+    defaults = flat(load_config())  # a setting added after the base run was made had its default then
+    return {k: v for k, v in mine.items() if v != theirs.get(k, defaults.get(k))}
+
+
+def train_seconds(fold_dir: Path) -> float:
+    path = fold_dir / "train" / "history.csv"
+    with open(path, newline="", encoding="utf-8") as f:
+        return sum(float(r["seconds"]) for r in csv.DictReader(f))
+
+
+def collect(run: Path, quiet: bool) -> dict:
+    """One recipe: its folds' pooled validation and test predictions, config and training time."""
+    folds = fold_dirs(run)
+    if folds == [run]:
+        raise OncoliteError(f"{run}: not a cross-validation run (no folds/<i>/); train every fold of one manifest")
+    sides = {}
+    for side in SIDE_DIRS:
+        parts = [side_predictions(f, side, quiet) for f in folds]
+        sides[side] = {"images": [(i, name) for i, p in enumerate(parts) for name in p[0]], "labels": parts[0][1],
+                       "y": np.concatenate([p[2] for p in parts]), "probs": np.concatenate([p[3] for p in parts]),
+                       "fold_sizes": [len(p[0]) for p in parts]}
+    config = json.loads((folds[0] / "config.json").read_text(encoding="utf-8"))
+    seconds = [train_seconds(f) for f in folds]
+    return {"run": run, "folds": len(folds), "config": config, "sides": sides, "train_seconds": seconds}
+
+
+def per_fold(y, probs, sizes, key) -> list[float]:
+    out, start = [], 0
+    for n in sizes:
+        report = metrics.classification_report(y[start:start + n], probs[start:start + n], [str(k) for k in range(probs.shape[1])],
+                                               bootstrap=0)
+        out.append(report["metrics"][key]["value"])
+        start += n
+    return out
+
+
+def compare(recipes: list[dict], bootstrap: int) -> dict:
+    base = recipes[0]
+    rows = []
+    for r in recipes:
+        entry = {"run": str(r["run"]), "changes": recipe_changes(r["config"], base["config"]), "folds": r["folds"],
+                 "train_minutes": round(sum(r["train_seconds"]) / 60, 1)}
+        for side, data in r["sides"].items():
+            ref = base["sides"][side]
+            if data["images"] != ref["images"]:
+                raise OncoliteError(f"{r['run']}: its {side} images differ from {base['run']}'s; "
+                                    "train every recipe on the same manifest and folds")
+            report = metrics.classification_report(data["y"], data["probs"], data["labels"], bootstrap=bootstrap)
+            entry[side] = {key: report["metrics"][key] for key in REPORTED}
+            entry[side]["per_fold"] = {key: per_fold(data["y"], data["probs"], data["fold_sizes"], key) for key in REPORTED}
+            entry[side]["delta"] = (None if r is base else
+                                    metrics.paired_deltas(data["y"], ref["probs"], data["probs"], bootstrap=bootstrap))
+        rows.append(entry)
+    chosen = max(rows, key=lambda e: (e["val"]["mcc"]["value"], e["val"]["accuracy"]["value"]))
+    n = {side: len(base["sides"][side]["y"]) for side in SIDE_DIRS}
+    return {"base": str(base["run"]), "n": n, "folds": base["folds"], "recipes": rows, "chosen_on_val": chosen["run"]}
+
+
+def _cell(v) -> str:
+    ci = v.get("ci")
+    return f"{v['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def _delta(d) -> str:
+    if d is None:
+        return "—"
+    ci = d.get("ci")
+    return f"{d['value']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+
+def markdown(study: dict, command: str) -> str:
+    def name(e):
+        changes = ", ".join(f"{k}={v}" for k, v in e["changes"].items())
+        return f"`{changes}`" if changes else "base recipe"
+
+    lines = [f"Made by: `{command}`", "",
+             f"{study['folds']} folds of one manifest; pooled: {study['n']['val']} validation and {study['n']['test']} "
+             "test images, each held out once. 95 % CIs: stratified bootstrap; Δ: the recipe minus the base recipe "
+             "on the same images (paired bootstrap). Recipes are chosen on validation (MCC, the training monitor); "
+             f"chosen: `{study['chosen_on_val']}`.", "",
+             "## Validation (what the choice is made on)", "",
+             "| recipe | accuracy | MCC | macro ROC-AUC | Δ accuracy | Δ MCC | Δ ROC-AUC | train min (all folds) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for e in study["recipes"]:
+        v, d = e["val"], e["val"]["delta"] or {}
+        lines.append(f"| {name(e)} | {_cell(v['accuracy'])} | {_cell(v['mcc'])} | {_cell(v['macro_roc_auc'])} | "
+                     f"{_delta(d.get('accuracy'))} | {_delta(d.get('mcc'))} | {_delta(d.get('macro_roc_auc'))} | "
+                     f"{e['train_minutes']} |")
+    lines += ["", "## Test (what it is worth)", "",
+              "| recipe | accuracy | MCC | macro ROC-AUC | accuracy per fold (mean ± sd) | Δ accuracy | Δ MCC | Δ ROC-AUC |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for e in study["recipes"]:
+        t, d = e["test"], e["test"]["delta"] or {}
+        acc = t["per_fold"]["accuracy"]
+        lines.append(f"| {name(e)} | {_cell(t['accuracy'])} | {_cell(t['mcc'])} | {_cell(t['macro_roc_auc'])} | "
+                     f"{np.mean(acc):.3f} ± {np.std(acc):.3f} | {_delta(d.get('accuracy'))} | {_delta(d.get('mcc'))} | "
+                     f"{_delta(d.get('macro_roc_auc'))} |")
+    lines += ["", "Runs: " + ", ".join(f"`{e['run']}`" for e in study["recipes"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m oncolite.benchmarks.float_study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="CV run directories; the first is the base recipe")
+    parser.add_argument("--out", required=True, help="report folder (report.md, report.json)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    add_output_flags(parser)
+    args = parser.parse_args(argv)
+    from edge_runtime.resources import shown
+
+    recipes = [collect(Path(run), args.quiet or args.json) for run in args.runs]
+    study = compare(recipes, args.bootstrap)
+    for e in study["recipes"]:
+        e["run"] = shown(e["run"])
+    study["base"], study["chosen_on_val"] = shown(study["base"]), shown(study["chosen_on_val"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m oncolite.benchmarks.float_study " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_json(out / "report.json", {**study, "command": command})
+    write_text(out / "report.md", markdown(study, command))
+    if args.json:
+        print_json(study)
+    elif not args.quiet:
+        print(markdown(study, command), end="")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""The float-recipe study: pooled validation/test figures per recipe, paired deltas, the choice on validation.
+
+Synthetic CV run directories (predictions CSVs, history, config) stand in for trained folds, so no
+TensorFlow runs: what is tested is the pooling, the pairing and what the report says.
+"""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from edge_runtime.errors import OncoliteError
+from oncolite.benchmarks import float_study
+from oncolite.train import metrics
+
+LABELS = ["benign", "malignant", "normal"]
+
+
+def _write_fold(fold, y, probs, side_dir, names):
+    out = fold / "eval" / side_dir
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "pred", *(f"p_{label}" for label in LABELS)])
+        for name, t, p in zip(names, y, probs):
+            w.writerow([f"/data/{name}", LABELS[t], LABELS[int(np.argmax(p))], *p])
+
+
+def _make_run(root, name, noise, config_change, seed=0, folds=3, n=40):
+    """A CV run whose float probabilities are the truth blurred by `noise` (more noise: worse)."""
+    rng = np.random.default_rng(seed)
+    run = root / name
+    for i in range(folds):
+        fold = run / "folds" / str(i)
+        (fold / "train").mkdir(parents=True)
+        config = {"input_size": 224, "finetune_depth": 55, "head_epochs": 10, "run": {"fold": i}, **config_change}
+        (fold / "config.json").write_text(json.dumps(config))
+        (fold / "train" / "history.csv").write_text("phase,epoch,seconds\nhead,1,30\nfinetune,1,90\n")
+        for side, side_dir in (("val", "float_val"), ("test", "float")):
+            truth_rng = np.random.default_rng(100 * i + (side == "test"))  # the same images for every recipe
+            y = truth_rng.integers(0, 3, n)
+            logits = np.eye(3)[y] * 2 + rng.normal(0, noise, (n, 3))
+            probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+            _write_fold(fold, y, probs, side_dir, [f"{side}-{i}-{k}.png" for k in range(n)])
+    return run
+
+
+def test_study_pools_every_fold_and_chooses_on_validation(tmp_path):
+    base = _make_run(tmp_path, "base", noise=2.5, config_change={})
+    better = _make_run(tmp_path, "deeper", noise=0.8, config_change={"finetune_depth": 154}, seed=1)
+    study = float_study.compare([float_study.collect(base, True), float_study.collect(better, True)], bootstrap=200)
+    assert study["n"] == {"val": 120, "test": 120}
+    base_row, deeper_row = study["recipes"]
+    assert base_row["changes"] == {} and deeper_row["changes"] == {"finetune_depth": 154}
+    assert study["chosen_on_val"] == str(better)
+    assert len(deeper_row["test"]["per_fold"]["accuracy"]) == 3
+    assert deeper_row["train_minutes"] == 6.0  # 3 folds x 120 s
+    delta = deeper_row["test"]["delta"]["accuracy"]
+    assert delta["value"] > 0 and delta["ci"][0] <= delta["value"] <= delta["ci"][1]
+    text = float_study.markdown(study, "cmd")
+    assert "`finetune_depth=154`" in text and "base recipe" in text and "chosen: `" in text
+
+
+def test_recipes_on_other_images_are_refused(tmp_path):
+    base = _make_run(tmp_path, "base", noise=1.0, config_change={})
+    other = _make_run(tmp_path, "other", noise=1.0, config_change={}, folds=2)
+    with pytest.raises(OncoliteError, match="same manifest"):
+        float_study.compare([float_study.collect(base, True), float_study.collect(other, True)], bootstrap=10)
+
+
+def test_paired_deltas_of_a_model_with_itself_are_exactly_zero():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 90)
+    probs = rng.dirichlet(np.ones(3), 90)
+    deltas = metrics.paired_deltas(y, probs, probs, bootstrap=100)
+    for key in ("accuracy", "mcc", "macro_roc_auc"):
+        assert deltas[key]["value"] == 0 and deltas[key]["ci"] == [0.0, 0.0]
+
+
+def test_paired_delta_ci_is_narrower_than_either_models_own():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 300)
+    a = np.eye(3)[y] * 1.5 + rng.normal(0, 1, (300, 3))
+    b = a + rng.normal(0, 0.2, (300, 3))  # a near copy: their difference varies far less than each
+    own = metrics.classification_report(y, a, LABELS, bootstrap=300)["metrics"]["accuracy"]["ci"]
+    paired = metrics.paired_deltas(y, a, b, bootstrap=300)["accuracy"]["ci"]
+    assert paired[1] - paired[0] < (own[1] - own[0]) / 2
