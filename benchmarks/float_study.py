@@ -77,11 +77,17 @@ def train_seconds(fold_dir: Path) -> float:
         return sum(float(r["seconds"]) for r in csv.DictReader(f))
 
 
-def collect(run: Path, quiet: bool) -> dict:
-    """One recipe: its folds' pooled validation and test predictions, config and training time."""
+def trained_folds(run: Path) -> list[str]:
+    """The fold numbers of a CV run whose float model is trained."""
     folds = fold_dirs(run)
     if folds == [run]:
-        raise OncoliteError(f"{run}: not a cross-validation run (no folds/<i>/); train every fold of one manifest")
+        raise OncoliteError(f"{run}: not a cross-validation run (no folds/<i>/); train the folds of one manifest")
+    return [f.name for f in folds if (f / "models" / "float.keras").is_file() or (f / "eval" / "float").is_dir()]
+
+
+def collect(run: Path, folds: list[str], quiet: bool) -> dict:
+    """One recipe on the given folds: pooled validation and test predictions, config, training time."""
+    folds = [run / "folds" / name for name in folds]
     sides = {}
     for side in SIDE_DIRS:
         parts = [side_predictions(f, side, quiet) for f in folds]
@@ -90,7 +96,8 @@ def collect(run: Path, quiet: bool) -> dict:
                        "fold_sizes": [len(p[0]) for p in parts]}
     config = json.loads((folds[0] / "config.json").read_text(encoding="utf-8"))
     seconds = [train_seconds(f) for f in folds]
-    return {"run": run, "folds": len(folds), "config": config, "sides": sides, "train_seconds": seconds}
+    return {"run": run, "folds": len(folds), "fold_names": [f.name for f in folds], "config": config, "sides": sides,
+            "train_seconds": seconds}
 
 
 def per_fold(y, probs, sizes, key) -> list[float]:
@@ -122,7 +129,8 @@ def compare(recipes: list[dict], bootstrap: int) -> dict:
         rows.append(entry)
     chosen = max(rows, key=lambda e: (e["val"]["mcc"]["value"], e["val"]["accuracy"]["value"]))
     n = {side: len(base["sides"][side]["y"]) for side in SIDE_DIRS}
-    return {"base": str(base["run"]), "n": n, "folds": base["folds"], "recipes": rows, "chosen_on_val": chosen["run"]}
+    return {"base": str(base["run"]), "n": n, "folds": base["folds"], "fold_names": base["fold_names"], "recipes": rows,
+            "chosen_on_val": chosen["run"]}
 
 
 def _cell(v) -> str:
@@ -143,7 +151,7 @@ def markdown(study: dict, command: str) -> str:
         return f"`{changes}`" if changes else "base recipe"
 
     lines = [f"Made by: `{command}`", "",
-             f"{study['folds']} folds of one manifest; pooled: {study['n']['val']} validation and {study['n']['test']} "
+             f"Folds {', '.join(study['fold_names'])} of one manifest; pooled: {study['n']['val']} validation and {study['n']['test']} "
              "test images, each held out once. 95 % CIs: stratified bootstrap; Δ: the recipe minus the base recipe "
              "on the same images (paired bootstrap). Recipes are chosen on validation (MCC, the training monitor); "
              f"chosen: `{study['chosen_on_val']}`.", "",
@@ -177,7 +185,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from edge_runtime.resources import shown
 
-    recipes = [collect(Path(run), args.quiet or args.json) for run in args.runs]
+    # Recipes are compared on the folds they all have: exploring a lever on two folds before
+    # confirming it on all of them is the cheap way to try many.
+    folds = sorted(set.intersection(*(set(trained_folds(Path(run))) for run in args.runs)), key=int)
+    if not folds:
+        raise OncoliteError("the runs have no trained fold in common; train the same folds of one manifest")
+    recipes = [collect(Path(run), folds, args.quiet or args.json) for run in args.runs]
     study = compare(recipes, args.bootstrap)
     for e in study["recipes"]:
         e["run"] = shown(e["run"])

@@ -14,9 +14,10 @@ import importlib
 import importlib.abc
 import importlib.util
 import os
+import shlex
 import sys
 
-from edge_runtime.console import TF_LOG_LEVEL, native_log_level, native_stderr_filtered
+from edge_runtime.console import TF_LOG_LEVEL, did_you_mean, native_log_level, native_stderr_filtered
 from edge_runtime.errors import EXIT_USAGE, OncoliteError
 
 # name -> (module, one-line help)
@@ -98,7 +99,7 @@ def _dispatch(prog: str, commands: dict, argv, groups: dict) -> int:
         print(f"usage: {prog} COMMAND [options]\n\n{listing}\n\n"
               f"`{prog} COMMAND --help` describes one command.", file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"{prog}: error: unknown command {argv[0]!r}", file=sys.stderr)
+            print(f"{prog}: error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}", file=sys.stderr)
             return EXIT_USAGE
         return 0 if argv else EXIT_USAGE
     name = argv[0]
@@ -106,8 +107,9 @@ def _dispatch(prog: str, commands: dict, argv, groups: dict) -> int:
     parser = argparse.ArgumentParser(prog=f"{prog} {name}", description=commands[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    # Reports record the command that made them; with `oncolite run` that is not sys.argv.
-    args.command_line = " ".join([prog, name, *argv[1:]])
+    # Reports and manifests record the command that made them as given, quoted so it can be pasted
+    # (a BUSI file name holds spaces); with `oncolite run` that is not sys.argv.
+    args.command_line = " ".join([prog, shlex.join([name, *argv[1:]])])
     args.command = f"{prog} {name}"
     try:
         return int(module.main(args) or 0)

@@ -4,12 +4,14 @@ and the native runtimes' log lines kept to TF_CPP_MIN_LOG_LEVEL."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import re
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -95,6 +97,23 @@ class ProgressLines:
         print(f"{self.desc}: {count} {self.unit}{share}, {state}{now - self.started:.0f} s{extra}", file=sys.stderr, flush=True)
 
 
+class Log:
+    """A stage's log, RUN_DIR/logs/<stage>.log (appended: a resumed or repeated stage continues the
+    same log), one timestamped line per call, and, unless quiet, the same line on stderr."""
+
+    def __init__(self, path, quiet: bool):
+        self.path, self.quiet = Path(path), quiet
+
+    def __call__(self, message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        # Made on the first line, not before: a run refused before its stage starts leaves no folder behind.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        if not self.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+
 def print_json(obj) -> None:
     from edge_runtime.atomic import json_default
 
@@ -108,6 +127,23 @@ def say(args, *lines) -> None:
         return
     for line in lines:
         print(line)
+
+
+def result(args, line: str) -> None:
+    """The command's result in one line on stdout (the report or file it wrote and the headline):
+    printed under --quiet too, which means nothing but errors and the result; --json prints the
+    result as JSON instead."""
+    if not getattr(args, "json", False):
+        print(line)
+
+
+def did_you_mean(name: str, choices) -> str:
+    """" (did you mean 'x'?)", closest first, for the one-line error that refuses a mistyped
+    `name` (a key, a command); "" when no choice is close."""
+    close = [repr(c) for c in difflib.get_close_matches(name, list(choices), n=3)]
+    if not close:
+        return ""
+    return f" (did you mean {', '.join(close[:-1]) + ' or ' if len(close) > 1 else ''}{close[-1]}?)"
 
 
 def old_spelling(args, old: str, new: str) -> None:

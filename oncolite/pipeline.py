@@ -3,12 +3,16 @@
 Each stage is the same command a user would type (`oncolite audit ...`, `oncolite train ...`),
 so the pipeline adds no second code path. stages.json records finished stages: a re-run skips
 them and resumes an interrupted one (train and quantize resume from their checkpoints, export
-skips finished variants); `--from STAGE` redoes that stage and everything after it.
+skips finished variants); `--from STAGE` redoes that stage and everything after it, in every fold.
+`--folds K` is K-fold cross-validation, as in `oncolite split` (1: one train/val/test split): the
+split has K folds and each is trained and benchmarked; `--only-folds I,J` runs only some of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shutil
 import sys
@@ -37,17 +41,20 @@ RUN_MARKS = ("stages.json", "audit", "manifest.json", "config.json")
 
 
 def add_arguments(parser) -> None:
-    from oncolite.train.config import add_set_argument
+    from oncolite.train.config import FOLDS_HELP, add_profile_argument, add_set_argument
 
     parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="run directory (default: runs/<dataset>-<profile>)")
     parser.add_argument("--data", help="dataset folder or CSV (default: the shipped BUSI copy, data/busi)")
     parser.add_argument("--run", dest="old_run", help=argparse.SUPPRESS)  # the old spelling: `run DATA --run RUN_DIR`
-    parser.add_argument("--profile", choices=("quick", "full"),
-                        help="quick: < 20 min on 2 CPU cores, one fold; full: 224 px, full epochs, 5-fold CV "
-                             "(default: full with a GPU, quick without)")
+    add_profile_argument(parser)
     parser.add_argument("--dataset", help="dataset defaults (configs/datasets/<name>.json; default: from the layout)")
     parser.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
-    parser.add_argument("--folds", type=int, help="CV folds to train and benchmark (default: the profile's)")
+    parser.add_argument("--folds", type=int, metavar="K",
+                        help=f"{FOLDS_HELP}; every fold is trained and benchmarked (default: the config's `folds`, "
+                             "the profile's)")
+    parser.add_argument("--only-folds", metavar="I,J",
+                        help="train and benchmark only these of the K folds, e.g. 0,1 (cheap exploration; "
+                             "the others can follow in a later run)")
     parser.add_argument("--random", action="store_true", help="naive random split (to show what leakage does)")
     parser.add_argument("--seed", type=int, default=0)
     add_set_argument(parser)
@@ -60,17 +67,20 @@ def main(args) -> int:
     from oncolite.cli import COMMANDS
     from edge_runtime.cli import dispatch
 
-    profile = args.profile or ("full" if _has_gpu() else "quick")
+    from oncolite.train.config import default_profile, load_config, parse_overrides
+
+    profile = args.profile or default_profile()
     run_dir, data = given_run_and_data(args)
     if not data.exists():
         raise OncoliteError(f"{data}: no such dataset; pass a dataset folder or CSV (default: {DEFAULT_DATA})")
     dataset = args.dataset or _dataset_name(data)
     run = Path(run_dir or WORKSPACE / "runs" / f"{dataset or data.name}-{profile}{'-random' if args.random else ''}")
-    from oncolite.train.config import load_config, parse_overrides
-
-    load_config(dataset=dataset, profile=profile, overrides=parse_overrides(args.set))  # every setting, before any work
+    config = load_config(dataset=dataset, profile=profile, overrides=parse_overrides(args.set))  # before any work
+    folds = config["folds"] if args.folds is None else args.folds
+    if folds < 1:
+        raise OncoliteError(f"--folds {folds}: need at least 1 (1: one train/val/test split; K: K-fold cross-validation)")
+    only = only_folds(args.only_folds, folds)
     run.mkdir(parents=True, exist_ok=True)
-    folds = args.folds or _profile_folds(dataset, profile)
     fold_dirs = [run] if folds == 1 else [run / "folds" / str(i) for i in range(folds)]
     state = _load_state(run)
     settings = {"data": str(data.resolve()), "profile": profile, "dataset": dataset, "folds": folds,
@@ -87,24 +97,28 @@ def main(args) -> int:
     quiet = ["--quiet"] if args.quiet or args.json else []
     manifest = run / "manifest.json"
     plan = [("audit", ["audit", str(data), "--out", str(run / "audit")]),
-            ("split", ["split", str(data), "--out", str(manifest), "--folds", str(max(folds, 5)),
+            ("split", ["split", str(data), "--out", str(manifest), "--folds", str(folds),
                        "--seed", str(args.seed), *(["--random"] if args.random else [])])]
     # Stage by stage across the folds: every float model is trained (the expensive, settled part)
     # before the first quantization, so the float CV results never wait on a later stage.
     per_fold = {stage: [] for stage in ("train", "evaluate", "quantize", "export", "benchmark")}
-    for i, fold_dir in enumerate(fold_dirs):
+    for i in only:
+        fold_dir = fold_dirs[i]
         prefix = "" if folds == 1 else f"fold{i}/"
         resume = ["--resume"] if (fold_dir / "train" / "state").exists() else []
         qat_resume = ["--resume"] if (fold_dir / "models" / "qat_state" / "state.json").exists() else []
         per_fold["train"].append((f"{prefix}train", ["train", str(fold_dir), "--manifest", str(manifest),
                                                      "--profile", profile, *(["--dataset", dataset] if dataset else []),
-                                                     "--fold", str(i), *resume, *(f"--set={pair}" for pair in args.set)]))
+                                                     *(["--fold", str(i)] if folds > 1 else []), *resume,
+                                                     *(f"--set={pair}" for pair in args.set)]))
         per_fold["evaluate"].append((f"{prefix}evaluate", ["evaluate", str(fold_dir)]))
         per_fold["quantize"].append((f"{prefix}quantize", ["quantize", str(fold_dir), *qat_resume]))
+        # The first fold run here also makes the comparison variants and the timing (see CV_VARIANTS).
+        first = i == only[0]
         per_fold["export"].append((f"{prefix}export", ["export", str(fold_dir),
-                                                       "--variants", FIRST_FOLD_VARIANTS if i == 0 else CV_VARIANTS]))
+                                                       "--variants", FIRST_FOLD_VARIANTS if first else CV_VARIANTS]))
         per_fold["benchmark"].append((f"{prefix}benchmark", ["benchmark", str(fold_dir),
-                                                             *([] if i == 0 else ["--no-timing"])]))
+                                                             *([] if first else ["--no-timing"])]))
     plan += [step for steps in per_fold.values() for step in steps]
 
     started = time.monotonic()
@@ -114,7 +128,9 @@ def main(args) -> int:
             continue
         _say(args, f"[{n}/{len(plan) + 1}] {key}: oncolite {' '.join(argv)}")
         t0 = time.monotonic()
-        code = dispatch("oncolite", COMMANDS, argv + quiet)
+        # Under --quiet or --json a stage's own result line is not the run's result: not on stdout.
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            code = dispatch("oncolite", COMMANDS, argv + quiet)
         if code != EXIT_OK:
             print(f"oncolite run: stage {key} failed (exit {code}); fix it and re-run the same command to resume",
                   file=sys.stderr)
@@ -122,14 +138,18 @@ def main(args) -> int:
         state[key] = {"status": "done", "seconds": round(time.monotonic() - t0, 1), "argv": argv}
         _save_state(run, state)
 
-    summary = summarize(run, fold_dirs)
-    summary["warnings"] = int8_warnings(fold_dirs)
+    ran = [fold_dirs[i] for i in only]
+    summary = summarize(run, ran)
+    summary["warnings"] = int8_warnings(ran)
     summary["profile"] = profile
+    summary["cv_folds"] = folds
+    if len(only) < folds:
+        summary["only_folds"] = only
     summary["seconds"] = round(time.monotonic() - started, 1)
     write_json(run / "report.json", summary)
     write_text(run / "report.md", summary_markdown(summary, command=args.command_line))
     if args.publish:
-        publish(run, fold_dirs[0], args.publish)
+        publish(run, ran[0], args.publish)
     if args.json:
         print_json(summary)
     elif not args.quiet:
@@ -138,6 +158,20 @@ def main(args) -> int:
     for warning in summary["warnings"]:
         print(f"oncolite run: warning: {warning}", file=sys.stderr)
     return EXIT_OK
+
+
+def only_folds(text: str | None, folds: int) -> list[int]:
+    """The folds `--only-folds I,J` names (all K without it), in order."""
+    if text is None:
+        return list(range(folds))
+    try:
+        chosen = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        chosen = []
+    if not chosen or not all(0 <= i < folds for i in chosen):
+        raise OncoliteError(f"--only-folds {text}: give fold numbers among 0..{folds - 1} (--folds {folds}), "
+                            "comma-separated, e.g. --only-folds 0,1")
+    return chosen
 
 
 def given_run_and_data(args) -> tuple[str | None, Path]:
@@ -186,7 +220,9 @@ def check_same_settings(run: Path, state: dict, settings: dict, from_stage: str 
 def forget(fold_dir: Path, stages) -> None:
     """What a redone stage must neither resume from nor find up to date."""
     if "train" in stages:
-        shutil.rmtree(fold_dir / "train" / "state", ignore_errors=True)
+        from oncolite.train.train import forget_training
+
+        forget_training(fold_dir)
     if "quantize" in stages:
         shutil.rmtree(fold_dir / "models" / "qat_state", ignore_errors=True)
     if "export" in stages:
@@ -239,6 +275,8 @@ def summarize(run: Path, fold_dirs: list[Path]) -> dict:
 def summary_markdown(summary: dict, command: str | None = None) -> str:
     folds = summary["folds"]
     lines = [f"Made by: `{command}`", ""] if command else []
+    if summary.get("only_folds"):
+        lines += [f"Folds {', '.join(map(str, summary['only_folds']))} of {summary['cv_folds']} only (--only-folds).", ""]
     lines += [f"{'mean ± sd over the folds' if folds > 1 else 'one held-out split'}; split: {json.dumps(summary.get('split'))}",
               "", "| variant | folds | accuracy | MCC | ROC-AUC | agreement with float | size (KB) | p50 ms (2 threads) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -292,13 +330,6 @@ def _copy(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
-def _has_gpu() -> bool:
-    import oncolite.train  # noqa: F401
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
 def _dataset_name(data: Path) -> str | None:
     """The configs/datasets/<name>.json that fits the data, if one does."""
     from oncolite.train.config import available
@@ -309,12 +340,6 @@ def _dataset_name(data: Path) -> str | None:
     if layout in ("busi", "folders") and "busi" in data.name.lower():
         name = "busi"
     return name if name in available("datasets") else None
-
-
-def _profile_folds(dataset: str, profile: str) -> int:
-    from oncolite.train.config import load_config
-
-    return int(load_config(dataset=dataset, profile=profile).get("folds", 1))
 
 
 def _load_state(run: Path) -> dict:

@@ -145,7 +145,7 @@ def report_markdown(report: dict) -> str:
         band = "-" if row.get("uncertain_margin") is None else f"{row['uncertain_margin']:.3f}"
         lines.append(f"| {name} | {row['size_bytes'] / 1e6:.2f} MB | {ratio} | {row['io']} | {row['accuracy']:.3f} | "
                      f"{row['mcc']:.3f} | {row['agreement']:.1%} | {row.get('mean_abs_prob_diff', 0):.4f} | "
-                     f"{row['max_prob_diff']:.3f} | {band} | {len(row['float_ops'])} |")
+                     f"{row['max_prob_diff']:.4f} | {band} | {len(row['float_ops'])} |")
     shipped = report.get("int8")
     if shipped:
         lines += ["", f"**Shipped as `int8`: {shipped['from']}** ({shipped['rule']}). Candidates on validation:", "",

@@ -37,7 +37,8 @@ import numpy as np
 
 from edge_runtime.atomic import atomic_path, write_bytes, write_json
 from edge_runtime.backends import make_interpreter
-from edge_runtime.console import add_output_flags, native_log_level, native_stderr_filtered, print_json, progress, say
+from edge_runtime.console import (Log, add_output_flags, native_log_level, native_stderr_filtered, print_json, progress,
+                                  result, say)
 from edge_runtime.decision import margin_errors
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from edge_runtime.hashing import bytes_sha256, file_sha256
@@ -555,6 +556,9 @@ def main(args) -> int:
     if selective:
         check_tensor_names(run, selective)
     chosen = calibration_items(run.sides()["train"], count, int(run.config["seed"]))
+    # RUN_DIR/logs/export.log as train writes train.log; the file only, the lines reach stdout below.
+    log = Log(run.path / "logs" / "export.log", quiet=True)
+    log(f"{args.command_line}: {', '.join(variants)} from {count} calibration images, integer I/O {io}")
     results = export_variants(run, variants, chosen, io, args.allow_float_ops, selective, quiet=quiet)
     results.update(on_disk(run, exclude=results))  # the report describes every model in the run
     gate = settings["gate"] if args.gate is None else args.gate
@@ -563,18 +567,20 @@ def main(args) -> int:
     write_report(run, report)
     if report.get("int8"):
         record_gate(run, report)
+    lines = [f"{name:<20} {row['size_bytes'] / 1e6:7.2f} MB  accuracy {row['accuracy']:.3f}  MCC {row['mcc']:.3f}  "
+             f"agreement {row['agreement']:.1%}  ({row['status']})" for name, row in report["variants"].items()]
+    lines += [f"warning: {warning}" for warning in report["warnings"]]
+    if byo:
+        lines.append(f"model: {run.source['source']['model']}; preprocessing: {run.source['preprocessing_from']}"
+                     + "".join(f"; {note}" for note in run.source["changes"]))
+    shipped = report.get("int8")
+    headline = (f": int8 = {shipped['from']} ({shipped['rule']}), agreement with float "
+                f"{report['variants']['int8']['agreement']:.1%} on validation" if shipped else "")
+    done = f"report: {run.models / 'export_report.md'}{headline}"
+    for line in [*lines, done]:
+        log(line)
     if args.json:
         print_json(report)
-    else:
-        for name, row in report["variants"].items():
-            say(args, f"{name:<20} {row['size_bytes'] / 1e6:7.2f} MB  accuracy {row['accuracy']:.3f}  "
-                      f"MCC {row['mcc']:.3f}  agreement {row['agreement']:.1%}  ({row['status']})")
-        if report.get("int8"):
-            say(args, f"int8 = {report['int8']['from']} ({report['int8']['rule']})")
-        for warning in report["warnings"]:
-            say(args, f"warning: {warning}")
-        if byo:
-            say(args, f"model: {run.source['source']['model']}; preprocessing: {run.source['preprocessing_from']}"
-                      + "".join(f"; {note}" for note in run.source["changes"]))
-        say(args, f"report: {run.models / 'export_report.md'}")
+    say(args, *lines)
+    result(args, done)
     return EXIT_OK

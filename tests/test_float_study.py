@@ -15,6 +15,7 @@ from oncolite.benchmarks import float_study
 from oncolite.train import metrics
 
 LABELS = ["benign", "malignant", "normal"]
+FOLDS = ["0", "1", "2"]
 
 
 def _write_fold(fold, y, probs, side_dir, names):
@@ -49,7 +50,7 @@ def _make_run(root, name, noise, config_change, seed=0, folds=3, n=40):
 def test_study_pools_every_fold_and_chooses_on_validation(tmp_path):
     base = _make_run(tmp_path, "base", noise=2.5, config_change={})
     better = _make_run(tmp_path, "deeper", noise=0.8, config_change={"finetune_depth": 154}, seed=1)
-    study = float_study.compare([float_study.collect(base, True), float_study.collect(better, True)], bootstrap=200)
+    study = float_study.compare([float_study.collect(base, FOLDS, True), float_study.collect(better, FOLDS, True)], bootstrap=200)
     assert study["n"] == {"val": 120, "test": 120}
     base_row, deeper_row = study["recipes"]
     assert base_row["changes"] == {} and deeper_row["changes"] == {"finetune_depth": 154}
@@ -64,9 +65,19 @@ def test_study_pools_every_fold_and_chooses_on_validation(tmp_path):
 
 def test_recipes_on_other_images_are_refused(tmp_path):
     base = _make_run(tmp_path, "base", noise=1.0, config_change={})
-    other = _make_run(tmp_path, "other", noise=1.0, config_change={}, folds=2)
+    other = _make_run(tmp_path, "other", noise=1.0, config_change={}, n=30)
     with pytest.raises(OncoliteError, match="same manifest"):
-        float_study.compare([float_study.collect(base, True), float_study.collect(other, True)], bootstrap=10)
+        float_study.compare([float_study.collect(base, FOLDS, True), float_study.collect(other, FOLDS, True)], bootstrap=10)
+
+
+def test_main_compares_recipes_on_the_folds_they_all_have(tmp_path):
+    """A lever explored on two folds is compared with the base on those two, and says so."""
+    base = _make_run(tmp_path, "base", noise=1.0, config_change={})
+    explored = _make_run(tmp_path, "explored", noise=1.0, config_change={"ema": 0.99}, folds=2)
+    assert float_study.main([str(base), str(explored), "--out", str(tmp_path / "out"), "--bootstrap", "20", "--quiet"]) == 0
+    study = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert study["fold_names"] == ["0", "1"] and study["n"] == {"val": 80, "test": 80}
+    assert "Folds 0, 1 of one manifest" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_paired_deltas_of_a_model_with_itself_are_exactly_zero():

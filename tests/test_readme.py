@@ -65,8 +65,10 @@ def _results_csv(folder: Path, result) -> None:
 
 def _quiet_export(folder: Path, result) -> None:
     _exists("runs/r1/models/int8_ptq.tflite", "runs/r1/models/export_report.md")(folder, result)
-    # Issue 20: nothing on stderr under --quiet, not TensorFlow's, the converter's or LiteRT's own lines.
-    assert result.stdout == "" and result.stderr == "", result.stderr[-2000:]
+    # Issue 20: nothing on stderr under --quiet, not TensorFlow's, the converter's or LiteRT's own lines;
+    # issue 16: stdout holds the result alone, one line.
+    assert result.stderr == "", result.stderr[-2000:]
+    assert result.stdout.startswith("report: runs/r1/models/export_report.md") and result.stdout.count("\n") == 1, result.stdout
 
 
 def _benchmark(folder: Path, result) -> None:
@@ -108,7 +110,8 @@ EXAMPLES: dict[str, Run | str] = {
     "python -m edge_runtime webapp models/busi/int8_uint8.tflite --out field-app": Run(check=_exists("field-app/index.html")),
     "python -m edge_runtime webapp runs/r1/models/int8_uint8.tflite --out field-app":
         "needs the int8_uint8 export of the test's run; the same command runs on the shipped models/busi/int8_uint8.tflite",
-    "oncolite run [RUN_DIR] [--data DATA] [--profile quick\\|full] [--from STAGE]": NOT_RUN_PIPELINE,
+    "oncolite run [RUN_DIR] [--data DATA] [--profile quick\\|full] [--folds K] [--only-folds 0,1] [--from STAGE]":
+        NOT_RUN_PIPELINE,
     "oncolite run": NOT_RUN_PIPELINE,
     "oncolite run --profile full": NOT_RUN_PIPELINE,
     "oncolite run --profile full --publish busi": NOT_RUN_PIPELINE,

@@ -410,3 +410,59 @@ def test_weight_decay_and_label_smoothing_train_and_the_model_loads_anywhere(tmp
         model = keras.models.load_model(tmp_path / name / "models" / "float.keras", safe_mode=True)
         norms[name] = float(np.linalg.norm(model.get_layer("predictions").get_weights()[0]))
     assert norms["adamw"] < 0.95 * norms["adam"], norms
+
+
+def test_weight_average_follows_the_warmed_up_decay_and_swaps_back_exactly():
+    import tensorflow as tf
+
+    from oncolite.train.train import WeightAverage
+
+    v = tf.Variable([1.0, -2.0])
+    ema = WeightAverage([v], decay=0.9)
+    expected = np.array([1.0, -2.0])
+    for step, value in enumerate(([3.0, 0.0], [5.0, 4.0], [-1.0, 2.0]), start=1):
+        v.assign(value)
+        ema._update()
+        decay = min(0.9, (1 + step) / (10 + step))
+        expected = decay * expected + (1 - decay) * np.array(value)
+    np.testing.assert_allclose(ema.module.average[0].numpy(), expected, rtol=1e-6)
+    with ema.swapped():
+        np.testing.assert_allclose(v.numpy(), expected, rtol=1e-6)
+    assert v.numpy().tolist() == [-1.0, 2.0]  # the trained weights are back
+
+
+def test_with_ema_the_saved_model_is_the_average_not_the_last_step(tmp_path):
+    """With `ema` on, validation and the best checkpoint use the averaged weights: the saved
+    model's head is the average, which differs from where training left the weights; the
+    average is part of the resume point (checkpointed beside the optimizer)."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from oncolite.train import train as train_mod
+
+    manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR, counts=(24, 8, 8)))
+    config = load_config(overrides={**PRETRAINED, "head_epochs": 2, "ema": 0.5, "monitor": "val_loss", "seed": 1})
+    seen = {"trained": [], "average": []}  # per validation (one per epoch): the head kernel
+    original_swapped = train_mod.WeightAverage.swapped
+
+    def swapped(self):
+        kernel = next(i for i, v in enumerate(self.variables) if "predictions" in v.name and "kernel" in v.name)
+        seen["trained"].append(self.variables[kernel].numpy().copy())
+        seen["average"].append(self.module.average[kernel].numpy().copy())
+        resume_point = tmp_path / "run" / "train" / "state" / "epoch-head-1"
+        if len(seen["average"]) == 2:  # epoch 1's resume point exists while epoch 2 validates
+            seen["resume_names"] = list(tf.train.load_checkpoint(str(resume_point)).get_variable_to_shape_map())
+        return original_swapped(self)
+
+    train_mod.WeightAverage.swapped = swapped
+    try:
+        train_mod.train_run(tmp_path / "run", manifest, config, {"manifest": str(manifest.path)}, quiet=True)
+    finally:
+        train_mod.WeightAverage.swapped = original_swapped
+    state = json.loads((tmp_path / "run" / "train" / "state" / "state.json").read_text())
+    model = keras.models.load_model(tmp_path / "run" / "models" / "float.keras", safe_mode=True)
+    kernel = model.get_layer("predictions").get_weights()[0]
+    best = state["best"]["epoch"] - 1
+    np.testing.assert_allclose(kernel, seen["average"][best], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(seen["average"][best], seen["trained"][best], rtol=1e-3, atol=1e-5)
+    assert any(name.startswith("ema/average") for name in seen["resume_names"])

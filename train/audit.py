@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from edge_runtime.atomic import write_json, write_text
-from edge_runtime.console import add_output_flags, old_spelling, print_json, printable, progress, say
+from edge_runtime.console import add_output_flags, old_spelling, print_json, printable, progress, result, say
 from edge_runtime.errors import EXIT_OK, ImageError
 from edge_runtime.hashing import bytes_sha256, file_sha256
 from edge_runtime.preprocess import open_image
@@ -38,8 +37,6 @@ AUDIT_FORMAT = "oncolite-audit/1"
 HASH_NAME = "phash"
 _BITS_PER_MODE = {"1": 1, "L": 8, "P": 8, "RGB": 8, "RGBA": 8, "LA": 8, "CMYK": 8, "YCbCr": 8, "LAB": 8, "HSV": 8,
                   "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
-# Options shared with `split` and their defaults, for the recorded command line.
-DATASET_DEFAULTS = {"layout": None, "label-scheme": "binary", "magnification": None, "hash-distance": 6, "hash-size": 8}
 # Below this many images, starting worker processes costs more than it saves.
 _PARALLEL_FROM = 64
 
@@ -350,24 +347,9 @@ def audit_from_args(args) -> Audit:
     return audit_dataset(dataset, args.hash_distance, args.hash_size, args.workers, args.quiet or args.json)
 
 
-def command_line(name: str, args, positional: str, defaults: dict) -> str:
-    """The command that reproduces a run, from its parsed arguments (recorded in every report).
-
-    `defaults`: option -> default value; options left at their default are not written.
-    """
-    words = ["oncolite", name, getattr(args, positional)]
-    for option, default in defaults.items():
-        value = getattr(args, option.replace("-", "_"), None)
-        if value == default or value in (None, False):
-            continue
-        words += [f"--{option}"] if value is True else [f"--{option}", str(value)]
-    return shlex.join(words)
-
-
 def main(args) -> int:
     audit = audit_from_args(args)
-    command = command_line("audit", args, "data", {"out": None, **DATASET_DEFAULTS})
-    rep = write_audit(audit, args.out, command)
+    rep = write_audit(audit, args.out, args.command_line)
     crossing = rep.get("published_folds", {}).get("patients_crossing_folds", [])
     summary = {"out": args.out, "images": rep["images"], "unreadable": len(rep["unreadable"]),
                "near_duplicate_pairs": rep["near_duplicates"]["pairs"],
@@ -385,9 +367,8 @@ def main(args) -> int:
         mags = ", ".join(f"{m} {sum(row.values())}" for m, row in (summary["magnifications"] or {}).items())
         patients.append(f"{summary['patients']} patients" + (f"; images per magnification: {mags}" if mags else ""))
     say(args, f"{rep['images']} images ({', '.join(f'{k} {v}' for k, v in rep['counts'].items())}), "
-              f"{len(rep['unreadable'])} unreadable, {len(rep['skipped_at_ingest'])} skipped",
-        *patients,
-        f"{summary['near_duplicate_pairs']} near-duplicate pairs, {summary['duplicate_groups']} duplicate groups, "
-        f"{summary['conflicts']} cross-label conflicts ({summary['conflict_images']} images)",
-        f"report: {os.path.join(args.out, 'audit.md')}")
+              f"{len(rep['unreadable'])} unreadable, {len(rep['skipped_at_ingest'])} skipped", *patients)
+    result(args, f"report: {os.path.join(args.out, 'audit.md')}: {summary['near_duplicate_pairs']} near-duplicate pairs, "
+                 f"{summary['duplicate_groups']} duplicate groups, {summary['conflicts']} cross-label conflicts "
+                 f"({summary['conflict_images']} images)")
     return EXIT_OK

@@ -18,6 +18,7 @@ import json
 import math
 from pathlib import Path
 
+from edge_runtime.console import did_you_mean
 from edge_runtime.errors import OncoliteError
 # _RESAMPLE: the one preprocessing's resampling filters (edge_runtime has no public name for them yet).
 from edge_runtime.preprocess import _RESAMPLE, Preprocessing
@@ -41,6 +42,11 @@ HEADS = ("compact", "reference")
 INT8_IO = ("int8", "uint8", "float")
 # MobileNetV2's smallest input side (tf-keras refuses anything smaller).
 MIN_INPUT_SIZE = 32
+# `--folds K` of `split` and `run` (and the `folds` setting): K-fold cross-validation; 1 is one
+# train/val/test split, whose test side is fold 0 of this many.
+ONE_SPLIT_PARTS = 5
+FOLDS_HELP = (f"K-fold cross-validation: K folds, each testing on 1/K of the data; 1: one train/val/test split "
+              f"(test: 1/{ONE_SPLIT_PARTS} of the data)")
 
 
 class ConfigError(OncoliteError):
@@ -50,6 +56,22 @@ class ConfigError(OncoliteError):
 def available(kind: str) -> list[str]:
     """Names of the shipped dataset or profile files ("datasets" or "profiles")."""
     return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.json"))
+
+
+def add_profile_argument(parser) -> None:
+    """`--profile`, the same for `oncolite train` and `oncolite run` (default: `default_profile`)."""
+    parser.add_argument("--profile", choices=available("profiles"),
+                        help="settings budget (configs/profiles/<name>.json): quick, 160 px and short training, minutes "
+                             "on 2 CPU cores; full, 224 px and full epochs, 5-fold CV under `oncolite run`; "
+                             "default: full with a GPU, quick without")
+
+
+def default_profile() -> str:
+    """The profile when none is given: full with a GPU, quick without (full takes hours on a CPU).
+    Asks TensorFlow, so a command calls it only once it will train."""
+    import tensorflow as tf
+
+    return "full" if tf.config.list_physical_devices("GPU") else "quick"
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -81,12 +103,20 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def dotted_names(reference: dict, prefix: str = "") -> list[str]:
+    """Every section and setting of `reference` by its dotted name ("augment", "augment.zoom")."""
+    return [name for key, value in reference.items()
+            for name in [f"{prefix}{key}", *(dotted_names(value, f"{prefix}{key}.") if isinstance(value, dict) else [])]]
+
+
 def validate(config: dict, reference: dict, source: str, prefix: str = "") -> None:
     """Every key of `config` must exist in `reference` (the defaults), sections must stay sections."""
     for key, value in config.items():
         name = f"{prefix}{key}"
         if key not in reference:
-            raise ConfigError(f"{source}: unknown config key {name!r}; valid keys here: {', '.join(sorted(reference))}")
+            # Suggested from every name below this level: `rotation` finds `augment.rotation`.
+            raise ConfigError(f"{source}: unknown config key {name!r}{did_you_mean(name, dotted_names(reference, prefix))}; "
+                              f"valid keys here: {', '.join(sorted(reference))}")
         if isinstance(reference[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {name!r} must be a section (a JSON object) with keys {', '.join(sorted(reference[key]))}")
@@ -233,6 +263,7 @@ RULES = {
     "lr_schedule": _one_of("constant", "cosine", "plateau"),
     "weight_decay": _number(0, 1),
     "label_smoothing": _number(0, 1),
+    "ema": _number(0, 1),
     "class_weights": _BOOL,
     "oversample": _BOOL,
     "augment.rotation": _number(0, 180, high_open=False, unit=" (degrees)"),
@@ -297,6 +328,8 @@ DOCS = {
     "lr_schedule": "learning rate over a phase: constant, cosine decay, or halved on a plateau",
     "weight_decay": "decoupled weight decay (AdamW) per step, relative to the learning rate; 0: plain Adam",
     "label_smoothing": "share of each one-hot target spread evenly over the classes (0: none)",
+    "ema": "decay of an exponential moving average of the weights, updated every step; validation, the best "
+           "checkpoint and the saved model use the average (0: off; 0.99 averages over ~100 steps)",
     "class_weights": "weight the loss by inverse class frequency",
     "oversample": "oversample rare classes instead (use one of the two)",
     "augment.rotation": "random rotation, up to this many degrees either way",
@@ -312,7 +345,8 @@ DOCS = {
     "deterministic": "bit-reproducible training (slower: deterministic TF ops, one thread for data)",
     "mixed_precision": "float16 compute on a GPU: auto (when one is there), true or false",
     "distribute": "tf.distribute strategy: auto (mirrored over GPUs), none, mirrored, multiworker (TF_CONFIG)",
-    "folds": "cross-validation folds to train (`oncolite run`; train's --folds K overrides)",
+    "folds": "K-fold cross-validation of `oncolite run` (its --folds K): the split's folds, each trained and "
+             "benchmarked; 1: one train/val/test split",
     "tune.trials": "KerasTuner trials on the validation side before training (0: no search; train's --tune N overrides)",
     "tune.epochs": "epochs per tuner trial",
     "tune.lr": "tuner search range of the fine-tuning learning rate",
@@ -404,7 +438,7 @@ def add_set_argument(parser, section: str | None = None) -> None:
     the run's other settings were fixed when it trained (see `with_overrides`)."""
     if section is None:
         help_ = ("override one setting (repeatable), e.g. --set finetune_lr=1e-5 --set augment.vflip=true; "
-                 "keys: configs/defaults.json")
+                 "`oncolite config` lists and documents every key")
     else:
         keys = ", ".join(f"{section}.{key}" for key in read_config_file(DEFAULTS_PATH)[section])
         help_ = f"override one of this stage's settings for this call (repeatable): {keys}"
@@ -418,7 +452,8 @@ def with_overrides(config: dict, pairs: list[str], section: str) -> dict:
     overrides = parse_overrides(pairs)
     defaults = read_config_file(DEFAULTS_PATH)
     for key in overrides:
-        if key != section:
+        # A key that is no setting at all is validate's: refused with the closest names.
+        if key != section and (key in defaults or key in defaults[section]):
             fix = (f"write it --set {section}.{key}=VALUE" if key in defaults[section]
                    else f"set {key} when training the run")
             raise ConfigError(f"--set {key}: this command reads only the {section}.* settings "
@@ -457,9 +492,11 @@ def main(args) -> int:
     """`oncolite config`: every setting with its default, what it accepts and what it does."""
     from edge_runtime.console import print_json
 
+    names = dotted_names(read_config_file(DEFAULTS_PATH))
+    for key in args.keys:
+        if key not in names:
+            raise ConfigError(f"no setting named {key}{did_you_mean(key, names)}; `oncolite config` lists them all")
     settings = describe(args.keys)
-    if not settings:
-        raise ConfigError(f"no setting named {', '.join(args.keys)}; `oncolite config` lists them all")
     if args.json:
         print_json({"defaults": str(DEFAULTS_PATH), "settings": settings})
         return 0

@@ -31,6 +31,10 @@ from edge_runtime.preprocess import is_image_name
 
 LAYOUTS = ("folders", "busi", "breakhis", "breakhis-folds", "idc", "csv")
 LABEL_SCHEMES = ("binary", "subtype")
+# The layouts whose labels come from a label scheme (BreakHis' file names carry both); every other
+# layout's labels are the data's own (class folders, a CSV's label column, IDC's class digit).
+SCHEMED_LAYOUTS = ("breakhis", "breakhis-folds")
+AS_IS = "as-is"
 
 # BreakHis tumour types: code in the file name -> (binary label, subtype folder name).
 BREAKHIS_TYPES = {
@@ -78,6 +82,7 @@ class Dataset:
     records: list[Record]
     skipped: list[Skipped] = field(default_factory=list)
     masks: list[str] = field(default_factory=list)
+    label_scheme: str = AS_IS  # how `labels` were made: a LABEL_SCHEMES name, or the data's own labels
 
     def relative(self, path: str) -> str:
         """A record's path relative to the dataset root, with forward slashes (reports, manifests)."""
@@ -107,15 +112,19 @@ def load_dataset(root, layout: str | None = None, *, label_scheme: str = "binary
     magnifications = _magnifications(magnification)
     # A folder holding a Folds.csv is read through it unless a folder layout is forced.
     if root.is_file() or layout in ("csv", "breakhis-folds") or (layout is None and _table(root) is not None):
-        return _load_table(root, layout, label_scheme, magnifications)
-    skipped: list[Skipped] = []
-    folders = list(walk_folders(root, skipped))
-    layout = layout or detect_layout(root, folders)
-    parse = {"folders": _parse_folders, "busi": _parse_busi, "breakhis": _parse_breakhis, "idc": _parse_idc}
-    if layout not in parse:
-        raise DatasetError(f"{root}: layout {layout!r} needs a CSV file, not a folder")
-    records, masks = parse[layout](folders, skipped, label_scheme=label_scheme, magnifications=magnifications)
-    return _finish(root, layout, records, skipped, masks)
+        dataset = _load_table(root, layout, label_scheme, magnifications)
+    else:
+        skipped: list[Skipped] = []
+        folders = list(walk_folders(root, skipped))
+        layout = layout or detect_layout(root, folders)
+        parse = {"folders": _parse_folders, "busi": _parse_busi, "breakhis": _parse_breakhis, "idc": _parse_idc}
+        if layout not in parse:
+            raise DatasetError(f"{root}: layout {layout!r} needs a CSV file, not a folder")
+        records, masks = parse[layout](folders, skipped, label_scheme=label_scheme, magnifications=magnifications)
+        dataset = _finish(root, layout, records, skipped, masks)
+    if dataset.layout in SCHEMED_LAYOUTS:
+        dataset.label_scheme = label_scheme
+    return dataset
 
 
 def _finish(root: Path, layout: str, records, skipped, masks) -> Dataset:

@@ -17,9 +17,10 @@ from collections import Counter
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from edge_runtime.console import print_json, say
+from edge_runtime.console import print_json, result, say
 from edge_runtime.errors import EXIT_OK, OncoliteError
-from .audit import DATASET_DEFAULTS, Audit, add_audit_arguments, audit_from_args, command_line
+from .audit import Audit, add_audit_arguments, audit_from_args
+from .config import FOLDS_HELP, ONE_SPLIT_PARTS
 from .datasets import patients_crossing_folds
 from .duplicates import components
 from .manifest import MANIFEST_FORMAT, find_leak, write_manifest
@@ -100,16 +101,19 @@ def _val_side(sides: np.ndarray, y, groups, val_fraction: float, seed: int, fold
 
 
 def group_kfold_sides(y: np.ndarray, groups: np.ndarray, folds: int, val_fraction: float, seed: int) -> list[np.ndarray]:
-    """Per fold, the side of every item ("train", "val" or "test")."""
-    if folds < 2:
-        raise SplitError(f"--folds {folds}: need at least 2 (fold i's test side is 1/folds of the data)")
+    """Per fold, the side of every item ("train", "val" or "test"). `folds` 1 is one split: fold 0
+    of ONE_SPLIT_PARTS, the very sides that fold has in a ONE_SPLIT_PARTS-fold split."""
+    if folds < 1:
+        raise SplitError(f"--folds {folds}: need at least 1 (1: one train/val/test split; K: K-fold cross-validation)")
+    parts = folds if folds > 1 else ONE_SPLIT_PARTS
+    asked_by = f"--folds {folds}" if folds > 1 else f"--folds 1 holds 1 of {parts} parts out for test"
+    outer = _held_out(y, groups, parts, seed, "outer split", asked_by,
+                      lambda most: f"use --folds {most} or fewer, or add data" if most >= 2 and folds > 1 else "add data")
     out = []
-    outer = _held_out(y, groups, folds, seed, "outer split", f"--folds {folds}",
-                      lambda most: f"use --folds {most} or fewer, or add data" if most >= 2 else "add data")
-    for fold, (_, test) in enumerate(outer):
+    for fold, (_, test) in zip(range(folds), outer):
         sides = np.full(len(y), "train", dtype=object)
         sides[test] = "test"
-        _val_side(sides, y, groups, val_fraction, seed, folds, f"fold {fold} validation split")
+        _val_side(sides, y, groups, val_fraction, seed, parts, f"fold {fold} validation split")
         out.append(sides)
     return out
 
@@ -142,7 +146,7 @@ def _excluded(audit: Audit, keep_conflicts: bool) -> dict[int, str]:
 
 def build_manifest(audit: Audit, folds: int = 5, val_fraction: float = 0.1, seed: int = 0, random: bool = False,
                    keep_conflicts: bool = False, use_folds_csv: bool = False, command: str = "",
-                   label_scheme: str = "binary", magnification=None) -> dict:
+                   magnification=None) -> dict:
     ds = audit.dataset
     records = ds.records
     excluded = _excluded(audit, keep_conflicts)
@@ -208,7 +212,7 @@ def build_manifest(audit: Audit, folds: int = 5, val_fraction: float = 0.1, seed
                   "groups": "none (each image its own)" if random else
                             ("patient" if use_folds_csv else "duplicate groups joined with patients"),
                   **({"published_folds": fold_ids, "patients_crossing_folds": crossing} if use_folds_csv else {})},
-        "dataset": {"layout": ds.layout, "label_scheme": label_scheme, "magnification": magnification,
+        "dataset": {"layout": ds.layout, "label_scheme": ds.label_scheme, "magnification": magnification,
                     "images": len(records), "skipped_at_ingest": len(ds.skipped)},
         "audit": {**audit.settings, "conflicts_excluded": not keep_conflicts, "conflict_groups": len(audit.conflicts),
                   "conflict_images_excluded": n_conflict, "near_duplicate_pairs": int(len(audit.near_pairs[0]))},
@@ -256,14 +260,11 @@ def summarize(items: list[dict], labels: list[str], folds: int) -> list[dict]:
 
 # ---- command line ----
 
-SPLIT_DEFAULTS = {"out": "manifest.json", "folds": 5, "val-fraction": 0.1, "seed": 0, "random": False,
-                  "keep-conflicts": False, "use-folds-csv": False, **DATASET_DEFAULTS}
-
-
 def add_arguments(parser) -> None:
     add_audit_arguments(parser)
     parser.add_argument("--out", default="manifest.json", help="manifest to write (default manifest.json)")
-    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds; fold 0 is the manifest's split")
+    parser.add_argument("--folds", type=int, default=5, metavar="K",
+                        help=f"{FOLDS_HELP}; fold 0 is the manifest's split (default 5)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of all images on the val side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--random", action="store_true", help="ignore duplicate groups and patients (the naive, leaky split)")
@@ -273,9 +274,8 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     audit = audit_from_args(args)
-    command = command_line("split", args, "data", SPLIT_DEFAULTS)
     manifest = build_manifest(audit, args.folds, args.val_fraction, args.seed, args.random, args.keep_conflicts,
-                              args.use_folds_csv, command, args.label_scheme, args.magnification)
+                              args.use_folds_csv, args.command_line, args.magnification)
     sha = write_manifest(manifest, args.out)
     first = manifest["summary"][0]
     sides = {side: sum(counts.values()) for side, counts in first.items()}
@@ -291,8 +291,9 @@ def main(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         print_json(summary)
-    say(args, f"{summary['items']} images in {summary['folds']} folds ({summary['kind']} split); fold 0: "
-              f"train {sides['train']}, val {sides['val']}, test {sides['test']}",
-        f"excluded {summary['excluded']} images ({summary['conflict_images_excluded']} in cross-label duplicate groups)",
-        f"manifest: {args.out} (sha256 {sha[:12]}...)")
+    say(args, f"{'the split' if summary['folds'] == 1 else 'fold 0'}: train {sides['train']}, val {sides['val']}, "
+              f"test {sides['test']}",
+        f"excluded {summary['excluded']} images ({summary['conflict_images_excluded']} in cross-label duplicate groups)")
+    folds = "one split" if summary["folds"] == 1 else f"{summary['folds']} folds"
+    result(args, f"manifest: {args.out} (sha256 {sha[:12]}...): {summary['items']} images, {folds} ({summary['kind']})")
     return EXIT_OK

@@ -9,7 +9,9 @@ and hands the best weights on; the best model over both phases is models/float.k
 Resume: after every epoch the model and optimizer go to train/state/ (a TF checkpoint) and
 train/state/state.json (written atomically after the checkpoint, so it always names a complete
 one) records phase, epoch, best value and history. `oncolite train RUN_DIR --resume` after a
-crash or SIGKILL continues from the last completed epoch with the run's own config.
+crash or SIGKILL continues from the last completed epoch with the run's own config. A finished
+training (train/summary.json, written last) is left as it is, with a line saying so; `--force`
+trains it again from scratch.
 
 Hardware: on CPU, one device. With GPUs, `mixed_precision: "auto"` trains in mixed_float16
 (float32 variables and softmax) and `distribute: "auto"` uses tf.distribute.MirroredStrategy
@@ -30,7 +32,7 @@ import io
 import json
 import math
 import os
-import sys
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -42,12 +44,12 @@ import numpy as np
 # imported inside the functions that use them: `oncolite train --help` and a mistyped setting
 # answer at once, without loading TensorFlow.
 from edge_runtime.atomic import atomic_path, write_json, write_text
-from edge_runtime.console import add_output_flags, old_spelling, print_json, progress, say
+from edge_runtime.console import Log, add_output_flags, old_spelling, print_json, progress, result, say
 from edge_runtime.errors import EXIT_OK, ManifestError, OncoliteError
 from edge_runtime.resources import WORKSPACE
 from .checkpoints import save_resume_point
-from .config import (PROVENANCE_KEY, add_set_argument, available, load_config, parse_overrides, preprocessing,
-                     read_config_file, same_settings, stored_config)
+from .config import (PROVENANCE_KEY, add_profile_argument, add_set_argument, available, default_profile, load_config,
+                     parse_overrides, preprocessing, read_config_file, same_settings, stored_config)
 from .manifest import load_manifest, write_manifest
 from .plots import pyplot, save_png
 from .provenance import versions
@@ -68,15 +70,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", help="manifest.json from `oncolite split` (not needed with --resume)")
     parser.add_argument("--run", dest="old_run", help=argparse.SUPPRESS)  # the old spelling of RUN_DIR
     parser.add_argument("--config", help="a config file (JSON; a run's config.json works) over the defaults")
-    parser.add_argument("--profile", choices=available("profiles"), help="configs/profiles/<name>.json")
+    add_profile_argument(parser)
     parser.add_argument("--dataset", choices=available("datasets"), help="configs/datasets/<name>.json")
     add_set_argument(parser)
     folds = parser.add_mutually_exclusive_group()
     folds.add_argument("--fold", type=int, help="train on fold i of the manifest's cross-validation")
     folds.add_argument("--folds", type=int, metavar="K", help="train every fold 0..K-1 into RUN/folds/<i>/ and report mean and spread")
+    again = parser.add_mutually_exclusive_group()
     # A flag: `--resume RUN_DIR`, the old spelling, is the same words in another order.
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the interrupted run RUN_DIR from its last completed epoch, with its own settings")
+    again.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run RUN_DIR from its last completed epoch, with its own settings")
+    again.add_argument("--force", action="store_true",
+                       help="train RUN_DIR again from scratch (a finished training is otherwise left as it is)")
     parser.add_argument("--tune", type=int, metavar="N", help="first search N KerasTuner trials on the validation side")
     add_output_flags(parser)
 
@@ -99,20 +104,38 @@ def main(args) -> int:
             raise OncoliteError("oncolite train --resume: which run? give its directory: oncolite train RUN_DIR --resume")
         run_dir = Path(given)
         config, provenance = read_run_config(run_dir)
-        # The original manifest, or the run's own copy if the original has moved.
-        source = provenance["manifest"] if Path(provenance["manifest"]).exists() else run_dir / "manifest.json"
-        manifest = load_manifest(source)
-        check_manifest(manifest, provenance, run_dir)
         folds, fold = provenance.get("folds"), provenance.get("fold")
     else:
         if not args.manifest:
             raise OncoliteError("oncolite train: --manifest is required (or RUN_DIR --resume to continue a run)")
-        # Settings first: a mistyped --set is refused before minutes of hashing the manifest's files.
-        config = load_config(dataset=args.dataset, profile=args.profile, path=args.config,
-                             overrides=parse_overrides(args.set))
-        manifest = load_manifest(args.manifest)
+        # Settings first: a mistyped --set is refused at once, before TensorFlow loads to look for a
+        # GPU (the default profile's question) and before minutes of hashing the manifest's files.
+        # A profile holds only budget values that pass every check: checking without one is enough.
+        overrides = parse_overrides(args.set)
+        load_config(dataset=args.dataset, profile=args.profile, path=args.config, overrides=overrides)
+        profile = args.profile or default_profile()
+        config = load_config(dataset=args.dataset, profile=profile, path=args.config, overrides=overrides)
         run_dir = Path(given or WORKSPACE / "runs" / f"{Path(args.manifest).resolve().parent.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         folds, fold = args.folds, args.fold
+    if args.force:
+        forget_training(run_dir, folds)
+    elif finished_mark(run_dir, folds).exists():
+        # Tuned settings are the search's choice, unknown before it runs: nothing to compare them with.
+        if not args.tune:
+            refuse_other_run(run_dir, config, finished=True)
+        model = run_dir / "folds" / "<i>" / "models" / "float.keras" if folds else run_dir / "models" / "float.keras"
+        if args.json:
+            print_json({**json.loads(finished_mark(run_dir, folds).read_text(encoding="utf-8")), "finished_before": True})
+        result(args, f"{run_dir}: training finished before; left as it is (model: {model}); to train again from "
+                     "scratch add --force, or give a new RUN_DIR")
+        return EXIT_OK
+    if args.resume:
+        # The original manifest, or the run's own copy if the original has moved.
+        source = provenance["manifest"] if Path(provenance["manifest"]).exists() else run_dir / "manifest.json"
+        manifest = load_manifest(source)
+        check_manifest(manifest, provenance, run_dir)
+    else:
+        manifest = load_manifest(args.manifest)
         for f in range(folds) if folds else [fold]:  # before --tune's trials, too
             check_training_labels(manifest, f)
         if args.tune:
@@ -120,7 +143,7 @@ def main(args) -> int:
 
             config = tune(run_dir, manifest, config, trials=args.tune, fold=fold, quiet=quiet)
         provenance = {"manifest": str(Path(args.manifest).resolve()), "manifest_sha256": manifest.sha256,
-                      "dataset": args.dataset, "profile": args.profile, "config_file": args.config,
+                      "dataset": args.dataset, "profile": profile, "config_file": args.config,
                       "overrides": args.set, "fold": fold, "folds": folds}
     if folds:
         summary = train_folds(run_dir, manifest, config, provenance, folds, quiet=quiet)
@@ -182,14 +205,32 @@ def start_run_dir(run_dir: Path, manifest, config: dict, provenance: dict) -> No
     write_json(run_dir / "versions.json", versions())
 
 
-def refuse_other_run(run_dir: Path, config: dict) -> None:
-    """A run directory with training state continues only with its own config."""
+def refuse_other_run(run_dir: Path, config: dict, finished: bool = False) -> None:
+    """A run directory with training state (or, `finished`, a finished training) continues, or
+    stays as it is, only with its own config."""
     config_path = run_dir / "config.json"
-    if config_path.exists() and (run_dir / "train" / "state" / "state.json").exists():
+    if config_path.exists() and (finished or (run_dir / "train" / "state" / "state.json").exists()):
         # Only the keys both hold: a run started before defaults.json gained a key lacks it.
         if not same_settings(read_config_file(config_path), config):
-            raise OncoliteError(f"{run_dir}: already holds a run with another config; "
-                                f"continue it with `oncolite train {run_dir} --resume` or choose another RUN_DIR")
+            raise OncoliteError(f"{run_dir}: already holds a run with another config; continue it with "
+                                f"`oncolite train {run_dir} --resume`, train it again with this config with --force, "
+                                "or choose another RUN_DIR")
+
+
+def finished_mark(run_dir: Path, folds: int | None = None) -> Path:
+    """The file a finished training writes last: train/summary.json, or cv.json once every fold of
+    `--folds K` has finished. While it exists the training is not done again (see forget_training)."""
+    return run_dir / "cv.json" if folds else run_dir / "train" / "summary.json"
+
+
+def forget_training(run_dir: Path, folds: int | None = None) -> None:
+    """Training starts over in `run_dir`: its finished marks go first, so a kill midway never leaves
+    an old mark over new state, then the resume points (the chief's and other workers')."""
+    finished_mark(run_dir, folds).unlink(missing_ok=True)
+    for fold_dir in [run_dir / "folds" / str(i) for i in range(folds)] if folds else [run_dir]:
+        finished_mark(fold_dir).unlink(missing_ok=True)
+        shutil.rmtree(fold_dir / "train" / "state", ignore_errors=True)
+        shutil.rmtree(fold_dir / "workers", ignore_errors=True)
 
 
 def copy_manifest(manifest, destination: Path) -> str:
@@ -198,22 +239,6 @@ def copy_manifest(manifest, destination: Path) -> str:
         return manifest.sha256
     data = json.loads(manifest.path.read_text(encoding="utf-8"))
     return write_manifest({**data, "root": str(manifest.root)}, destination)
-
-
-class Log:
-    """logs/train.log (appended: a resumed run continues the same log) and, unless quiet, stderr."""
-
-    def __init__(self, path: Path, quiet: bool):
-        self.path, self.quiet = path, quiet
-
-    def __call__(self, message: str) -> None:
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-        # Made on the first line, not before: a run refused before training leaves no folder behind.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-        if not self.quiet:
-            print(line, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- hardware
@@ -314,6 +339,7 @@ class Trainer:
                                 "best checkpoint need both: rebuild it with `oncolite split` (val_fraction > 0)")
         self.state = self.load_state()
         self.y_val = label_indices(sides["val"], labels)
+        self.ema = None  # the phase's WeightAverage, made by compile() when the `ema` setting is on
 
     # -- state
 
@@ -363,18 +389,20 @@ class Trainer:
                           metrics=["accuracy"])
             # Slot variables exist before a restore, so the optimizer state comes back exactly.
             model.optimizer.build(model.trainable_variables)
+            # A phase's average starts from the weights it starts from (the previous phase's best).
+            self.ema = WeightAverage(model.trainable_variables, c["ema"]) if c["ema"] else None
 
     def write_checkpoint(self, model: keras.Model, name: str, with_optimizer: bool) -> str:
         """A TF checkpoint in train/state/; returns its name (relative, so a run dir can move)."""
         import tensorflow as tf
 
-        tf.train.Checkpoint(**checkpointed(model, with_optimizer)).write(str(self.state_dir / name))
+        tf.train.Checkpoint(**checkpointed(model, with_optimizer, self.ema)).write(str(self.state_dir / name))
         return name
 
     def restore(self, model: keras.Model, name: str, with_optimizer: bool) -> None:
         import tensorflow as tf
 
-        objects = checkpointed(model, with_optimizer)
+        objects = checkpointed(model, with_optimizer, self.ema)
         with self.strategy.scope():
             tf.train.Checkpoint(**objects).read(str(self.state_dir / name)).expect_partial()
 
@@ -426,16 +454,21 @@ class Trainer:
             t0 = time.monotonic()
             title = f"{phase} epoch {epoch + 1}/{c[f'{phase}_epochs']}"
             with batch_progress(title, batches(train_ds), self.quiet) as callbacks:
+                if self.ema:
+                    callbacks.append(self.ema.callback())
                 fit = model.fit(train_ds, epochs=1, class_weight=weights, verbose=0, callbacks=callbacks).history
-            with batch_progress(f"{title} validation", batches(val_ds), self.quiet) as callbacks:
-                val = side_metrics(self.y_val, model.predict(val_ds, verbose=0, callbacks=callbacks))
-            row = {"phase": phase, "epoch": epoch + 1, "lr": lr, "loss": fit["loss"][-1], "accuracy": fit["accuracy"][-1],
-                   "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_mcc": val["mcc"],
-                   "seconds": round(time.monotonic() - t0, 2)}
-            if improved(monitor, row, self.state["best"]):
-                name = f"best-{phase}-{epoch + 1}"
-                self.state["best"] = {"value": row[monitor], "val_loss": row["val_loss"], "phase": phase, "epoch": epoch + 1,
-                                      "checkpoint": self.write_checkpoint(model, name, with_optimizer=False)}
+            # With a weight average, the average is what is validated and kept as the best.
+            with self.ema.swapped() if self.ema else contextlib.nullcontext():
+                with batch_progress(f"{title} validation", batches(val_ds), self.quiet) as callbacks:
+                    val = side_metrics(self.y_val, model.predict(val_ds, verbose=0, callbacks=callbacks))
+                row = {"phase": phase, "epoch": epoch + 1, "lr": lr, "loss": fit["loss"][-1],
+                       "accuracy": fit["accuracy"][-1], "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                       "val_mcc": val["mcc"], "seconds": round(time.monotonic() - t0, 2)}
+                if improved(monitor, row, self.state["best"]):
+                    name = f"best-{phase}-{epoch + 1}"
+                    self.state["best"] = {"value": row[monitor], "val_loss": row["val_loss"], "phase": phase,
+                                          "epoch": epoch + 1,
+                                          "checkpoint": self.write_checkpoint(model, name, with_optimizer=False)}
             # Patience counts from this phase's own best: fine-tuning starts below the head's best
             # (newly unfrozen layers disturb the features) and must get `patience` epochs to recover.
             if improved(monitor, row, self.state.get("phase_best")):
@@ -482,12 +515,55 @@ def batch_progress(desc: str, total: int | None, quiet: bool):
         yield [keras.callbacks.LambdaCallback(on_train_batch_end=step, on_predict_batch_end=step)]
 
 
-def checkpointed(model: keras.Model, with_optimizer: bool) -> dict:
+def checkpointed(model: keras.Model, with_optimizer: bool, ema: "WeightAverage | None" = None) -> dict:
     """What a checkpoint holds. Weights alone go in as a plain list: a Keras model also tracks
-    its optimizer, whose slots differ between phases, so a phase's best weights must not carry it."""
+    its optimizer, whose slots differ between phases, so a phase's best weights must not carry it.
+    A resume point also holds the weight average, like the optimizer's state."""
     if with_optimizer:
-        return {"model": model, "optimizer": model.optimizer}
+        return {"model": model, "optimizer": model.optimizer, **({"ema": ema.module} if ema else {})}
     return {"weights": list(model.weights)}
+
+
+class WeightAverage:
+    """An exponential moving average of the trainable weights (setting `ema`), updated after every
+    training step. Our own rather than the optimizers' `use_ema`: tf-keras overwrites the model's
+    weights with that average at the end of every fit(), and training fits one epoch at a time.
+    The decay warms up as min(decay, (1 + step) / (10 + step)) so early steps do not average in
+    the untrained start."""
+
+    def __init__(self, variables, decay: float):
+        import tensorflow as tf
+
+        self.variables, self.decay = list(variables), float(decay)
+        self.module = tf.Module()
+        self.module.average = [tf.Variable(v, trainable=False, name="average") for v in self.variables]
+        self.module.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="average_steps")
+        self._update = tf.function(self._step)
+
+    def _step(self) -> None:
+        import tensorflow as tf
+
+        steps = tf.cast(self.module.steps.assign_add(1), tf.float32)
+        decay = tf.minimum(self.decay, (1.0 + steps) / (10.0 + steps))
+        for average, v in zip(self.module.average, self.variables):
+            average.assign(decay * average + (1.0 - decay) * tf.cast(v, average.dtype))
+
+    def callback(self):
+        import tf_keras as keras
+
+        return keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs=None: self._update())
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The average in the model's weights inside the block, the trained weights back after it."""
+        trained = [v.numpy() for v in self.variables]
+        for v, average in zip(self.variables, self.module.average):
+            v.assign(average)
+        try:
+            yield
+        finally:
+            for v, value in zip(self.variables, trained):
+                v.assign(value)
 
 
 def write_history(train_dir: Path, history: list[dict]) -> None:
@@ -554,7 +630,8 @@ def save_float_model(model: keras.Model, path: Path, config: dict, n_classes: in
 
 def train_run(run_dir: str | Path, manifest, config: dict, provenance: dict, fold: int | None = None,
               quiet: bool = False, evaluate_test: bool = True) -> dict:
-    """Train one split of `manifest` into `run_dir` (resuming if it holds an interrupted run).
+    """Train one split of `manifest` into `run_dir` (resuming if it holds an interrupted run; a
+    finished one is left as it is and its summary returned: forget_training starts over).
 
     evaluate_test=False never touches the test side (hyperparameter search)."""
     import tf_keras as keras
@@ -563,6 +640,8 @@ def train_run(run_dir: str | Path, manifest, config: dict, provenance: dict, fol
     from .data import image_errors, label_indices, make_dataset
 
     run_dir = Path(run_dir)
+    if finished_mark(run_dir).exists():
+        return json.loads(finished_mark(run_dir).read_text(encoding="utf-8"))
     check_training_labels(manifest, fold)
     sides = manifest.sides(fold=fold)
     labels = list(manifest.labels)
@@ -590,10 +669,10 @@ def train_run(run_dir: str | Path, manifest, config: dict, provenance: dict, fol
     saved = run_dir / "models" / "float.keras" if trainer.chief else trainer.state_dir.parent / "float.keras"
     save_float_model(model, saved, config, len(labels), trainer.mixed)
     if trainer.chief:
-        write_json(run_dir / "train" / "summary.json", summary)
         stored = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         stored[PROVENANCE_KEY]["head_summary"] = summary["head_summary"]
         write_json(run_dir / "config.json", stored)
+        write_json(finished_mark(run_dir), summary)  # last: the mark of a finished training
         trainer_log(f"done: best {config['monitor']} {summary['best']['value']:.4f}; "
                     f"val {summary.get('val', {}).get('mcc', float('nan')):.3f} MCC; model {run_dir / 'models' / 'float.keras'}")
     keras.backend.clear_session()

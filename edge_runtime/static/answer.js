@@ -1,5 +1,6 @@
 // The answer, as both field pages show it: the server page (app.js) and the in-browser page
-// (webapp_static/field.js, which ships a copy of this file). One colour code, one bar per class.
+// (webapp_static/field.js, which ships a copy of this file). One markup, one colour code, one bar
+// per class; the pages' index.html hold only an empty <div class="answer" id="answer">.
 
 // Cancer-like classes red, lesion-but-benign amber, normal/negative green; others by position.
 export function tone(label, index) {
@@ -10,24 +11,35 @@ export function tone(label, index) {
   return "tone-" + (index % 6);
 }
 
-export function percent(p) {
+function percent(p) {
   return (100 * p).toFixed(1) + " %";
 }
 
-// The predicted label into #prediction and one bar per label into #bars. `uncertain`: inside
-// the model's uncertain band the int8 answer may differ from the float model's, so the answer is
-// shown in a neutral colour, never as a confident red or green. `threshold`
-// ({positive, value} or null) is marked on its class's bar: with a threshold, the highest bar is
-// not always the answer.
-export function renderAnswer(result, labels, threshold, uncertain) {
-  const prediction = document.getElementById("prediction");
-  prediction.textContent = result.label;
+// The answer block both field pages show, built whole here so that neither page holds a copy of
+// its markup: caption, predicted label and its probability, the uncertain note, one bar per
+// label, the decision rule and a line about the model. `answer`: the page's empty
+// <div class="answer">. `uncertain`: inside the model's uncertain band the int8 answer may differ
+// from the float model's, so the answer is shown in a neutral colour, never as a confident red or
+// green, with a note. `threshold` ({positive, value} or null) is marked on its class's bar: with
+// a threshold, the highest bar is not always the answer. `rule` and `meta`: each page's own words.
+export function renderAnswer(answer, result, labels, { threshold = null, uncertain = false, rule = "", meta = "" } = {}) {
+  // One element of the block; the ids are how the pages' tests and automation find its parts.
+  const part = (tag, id, className, text = "") => {
+    const element = document.createElement(tag);
+    if (id) element.id = id;
+    element.className = className;
+    element.textContent = text;
+    return element;
+  };
+  const tint = uncertain ? "tone-uncertain" : tone(result.label, labels.indexOf(result.label));
+  const prediction = part("p", "prediction", "label " + tint, result.label);
   prediction.dataset.label = result.label;
   prediction.dataset.uncertain = String(uncertain);
-  prediction.className = "label " + (uncertain ? "tone-uncertain" : tone(result.label, labels.indexOf(result.label)));
+  const note = part("p", "uncertain", "uncertain", "Uncertain — review on a second reader");
+  note.setAttribute("role", "status");
+  note.hidden = !uncertain;
 
-  const bars = document.getElementById("bars");
-  bars.replaceChildren();
+  const bars = part("ul", "bars", "bars");
   labels.forEach((label, index) => {
     const p = result.probabilities[label];
     const item = document.createElement("li");
@@ -60,4 +72,7 @@ export function renderAnswer(result, labels, threshold, uncertain) {
     item.append(name, value, track);
     bars.append(item);
   });
+  answer.replaceChildren(part("p", "", "caption", "Predicted class"), prediction,
+                         part("p", "probability", "probability", "p = " + percent(result.probability)), note, bars,
+                         part("p", "rule", "rule", rule), part("p", "meta", "meta", meta));
 }

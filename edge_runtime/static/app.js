@@ -50,14 +50,12 @@ function askForToken() {
 }
 
 function renderResult(result) {
-  const labels = Object.keys(result.probabilities);
-  const threshold = (result.model && result.model.threshold) || null;
-  const uncertain = result.uncertain === true;
-  renderAnswer(result, labels, threshold, uncertain);
-  show("uncertain", uncertain);
-  $("rule").textContent = "Decision rule: " + String(result.decision_rule).replace(">=", "≥");
-
-  $("meta").textContent = result.model.name + " · " + result.latency_ms.toFixed(1) + " ms on " + result.model.backend;
+  renderAnswer($("answer"), result, Object.keys(result.probabilities), {
+    threshold: (result.model && result.model.threshold) || null,
+    uncertain: result.uncertain === true,
+    rule: "Decision rule: " + String(result.decision_rule).replace(">=", "≥"),
+    meta: result.model.name + " · " + result.latency_ms.toFixed(1) + " ms on " + result.model.backend,
+  });
   show("result", true);
 }
 

@@ -3,7 +3,7 @@
 // anywhere; the only requests are for this folder's own files, and after one visit the
 // service worker answers those from its cache.
 import { decode, resize, toInput, toProbabilities, decide, margin, digest, RESAMPLES } from "./preprocess.js";
-import { percent, renderAnswer } from "./answer.js";
+import { renderAnswer } from "./answer.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -247,15 +247,16 @@ async function run(input) {
 
 function renderResult(result) {
   const facts = app.facts;
-  renderAnswer(result, facts.labels, facts.threshold, result.uncertain === true);
-  $("probability").textContent = "p = " + percent(result.probability);
-  $("uncertain").hidden = result.uncertain !== true;
-  $("rule").textContent = decisionRule(facts);
   const size = result.image.downscaled
     ? ` · photo ${result.image.width}×${result.image.height} downscaled on this device to ${result.image.decoded.join("×")} first`
     : "";
-  $("meta").textContent = `${facts.model.name} · ${result.latency_ms.toFixed(1)} ms in this browser ` +
-    `(LiteRT.js ${facts.runtime.version}, ${app.wasmBuild}) · preprocessing ${result.preprocess_ms.toFixed(0)} ms${size}`;
+  renderAnswer($("answer"), result, facts.labels, {
+    threshold: facts.threshold,
+    uncertain: result.uncertain === true,
+    rule: decisionRule(facts),
+    meta: `${facts.model.name} · ${result.latency_ms.toFixed(1)} ms in this browser ` +
+      `(LiteRT.js ${facts.runtime.version}, ${app.wasmBuild}) · preprocessing ${result.preprocess_ms.toFixed(0)} ms${size}`,
+  });
 
   const section = $("result");
   section.dataset.seq = String(++app.seq);
@@ -328,7 +329,6 @@ async function main() {
     const text = facts.notice.replace(/^Research tool, not a diagnosis:\s*/, "");
     $("notice-text").textContent = text.charAt(0).toUpperCase() + text.slice(1);
   }
-  $("rule").textContent = decisionRule(facts);
   const registration = registerWorker();
   const problem = checkBrowser();
   if (problem) {
