@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.console import add_output_flags, old_spelling, print_json, progress, say
+from edge_runtime.console import add_output_flags, old_spelling, print_json, progress, result, say
 from edge_runtime.errors import EXIT_OK, EXIT_SOME_FAILED, OncoliteError
 from edge_runtime.hashing import file_sha256
 from oncolite.train.config import add_set_argument, with_overrides
@@ -93,6 +93,8 @@ def main(args) -> int:
         merged = compare_reports(reports)
         md = write_comparison(run_dir / "benchmark", merged)
         print_json(merged) if args.json else say(args, md)
+        result(args, f"report: {run_dir / 'benchmark' / 'compare.md'}: {len(merged['rows'])} rows from "
+                     f"{len(reports)} reports")
         return EXIT_OK
     from .report import write_report
     from oncolite.quantize.rundir import open_run
@@ -110,8 +112,29 @@ def main(args) -> int:
     md = write_report(run_dir / "benchmark", report, probs, y)
     # report.md holds every timing: the CPU's int8 features, the float model's ways of calling,
     # batch throughput, the image-to-answer split and the browser's latency.
-    print_json(report) if args.json else say(args, md, f"report: {run_dir / 'benchmark' / 'report.md'}")
+    print_json(report) if args.json else say(args, md)
+    result(args, f"report: {run_dir / 'benchmark' / 'report.md'}: {headline(report)}")
     return EXIT_SOME_FAILED if report["failures"] else EXIT_OK
+
+
+def headline(report: dict) -> str:
+    """The result line's figures: the images, the float model's MCC, the shipped int8 model's (or
+    the first .tflite file's) MCC and agreement with it, and any failures."""
+    from .report import fmt
+
+    variants, split = report["variants"], report["split"]
+    parts = [f"{split.get('n_' + str(split.get('side')))} {split.get('side')} images"]
+    if FLOAT in variants:
+        parts.append(f"{FLOAT} MCC {fmt(variants[FLOAT].get('mcc'))}")
+    others = [name for name in variants if name not in (FLOAT, BASELINE)]
+    shown = "tflite_int8" if "tflite_int8" in variants else others[0] if others else None
+    if shown:
+        agreement = variants[shown].get("agreement_with_float")
+        parts.append(f"{shown} MCC {fmt(variants[shown].get('mcc'))}"
+                     + ("" if agreement is None else f", agreement {agreement:.1%}"))
+    if report["failures"]:
+        parts.append(f"{len(report['failures'])} failure(s): see the report")
+    return "; ".join(parts)
 
 
 def parse_threads(text: str) -> list[int]:
@@ -550,7 +573,8 @@ def main_byo(args) -> int:
         browser=args.browser, quiet=args.quiet or args.json, command=args.command_line)
     out = Path(report["run"]) / "benchmark"
     md = write_report(out, report, probs, y)
-    print_json(report) if args.json else say(args, md, f"report: {out / 'report.md'}")
+    print_json(report) if args.json else say(args, md)
+    result(args, f"report: {out / 'report.md'}: {headline(report)}")
     return EXIT_SOME_FAILED if report["failures"] else EXIT_OK
 
 

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from edge_runtime.backends import BACKENDS, RESOLVERS
-from edge_runtime.console import add_output_flags, print_json, progress, say
+from edge_runtime.console import add_output_flags, print_json, progress, result, say
 from edge_runtime.errors import EXIT_OK, OncoliteError
 
 BATCH = 32  # the throughput batch
@@ -62,7 +62,16 @@ def main(args) -> int:
         print_json(report)
     else:
         say(args, *format_report(report))
+        result(args, result_line(report))
     return EXIT_OK
+
+
+def result_line(report: dict) -> str:
+    """The one result line: the model and its median latency (and throughput) per thread count."""
+    timings = ", ".join(f"{r['latency_ms']['p50']:.3f} ms @{r['threads']} thread{'s' if r['threads'] > 1 else ''}"
+                        + (f" ({r['throughput_per_s']:.1f} img/s)" if r.get("throughput_per_s") else "")
+                        for r in report["threads"])
+    return f"{report['model']}: p50 latency {timings}; peak RSS {report['peak_rss_mb']} MB"
 
 
 def parse_threads(text: str) -> list[int]:

@@ -462,7 +462,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from edge_runtime.console import print_json, say
+    from edge_runtime.console import print_json, result, say
 
     model = EdgeModel.load(args.model or default_model_path(), backend=args.backend)
     info = model.info()
@@ -478,8 +478,9 @@ def main(args) -> int:
         f"preprocess   {model.prep.height}x{model.prep.width} {model.prep.resample}, mean {list(model.prep.mean)} std {list(model.prep.std)}",
         f"decision     {info['decision_rule']}",
         f"uncertain    {_band_text(info['uncertain_margin'])}",
-        f"metadata     {'standard TFLite metadata' if info['metadata'] else 'none (sidecar JSON used)'}",
-        "checks       passed")
+        f"metadata     {'standard TFLite metadata' if info['metadata'] else 'none (sidecar JSON used)'}")
+    result(args, f"{info['path']}: checks passed; {info['kind']}{' / ' + info['variant'] if info['variant'] else ''}, "
+                 f"labels {', '.join(info['labels'])}, input {info['input']['dtype']} {info['input']['shape']}")
     return EXIT_OK
 
 

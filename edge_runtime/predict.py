@@ -34,9 +34,11 @@ its other files are reported as skipped.
 
 output: one row per image, written as soon as it is classified: a table, --csv
 (flushed per image) or --json (JSON Lines: a "model" line, then one "result",
-"error" or "skipped" line per file, then a "summary" line). Every answer carries
-the decision rule (highest probability, or the model's threshold) and, for a
-model with an uncertain band, whether it is uncertain (review on a second reader).
+"error" or "skipped" line per file, then a "summary" line). --quiet prints the
+answers alone, one line per image ("FILE: LABEL (p P)"), the rest on stderr.
+Every answer carries the decision rule (highest probability, or the model's
+threshold) and, for a model with an uncertain band, whether it is uncertain
+(review on a second reader).
 
 resume: an interrupted run (Ctrl+C, a kill, a power cut) loses at most the image
 in flight. Run the command again with --skip-done OUT, OUT being its --csv or
@@ -95,7 +97,7 @@ def main(args) -> int:
     elif args.csv:
         if not appending:
             writer.writerow(csv_header(model.labels))
-    else:
+    elif not args.quiet:  # --quiet: the answers alone, one line per image (quiet_row)
         print(f"decision rule: {rule}" + (f"; uncertain below a margin of {model.uncertain_margin:g}"
                                           if model.uncertain_margin is not None else ""))
         print(f"{'file':<{width}}  {'label':<12} {'p':>6}  {'':9}  {'ms':>7}  top-k", flush=True)
@@ -111,14 +113,14 @@ def main(args) -> int:
             writer.writerow(csv_row(record, model.labels))
             sys.stdout.flush()
         elif record["type"] == "result":
-            bar.write(table_row(record, width), file=sys.stdout)
+            bar.write(quiet_row(record) if args.quiet else table_row(record, width), file=sys.stdout)
             sys.stdout.flush()
     summary = {"images": len(todo), "classified": len(todo) - len(failed), "failed": len(failed),
                "skipped": len(skipped), "already_done": len(files) - len(todo)}
     if args.json:
         emit_json({"type": "summary", **summary})
     else:
-        finish_table(summary, failed, skipped, to_stdout=not args.csv, quiet=args.quiet)
+        finish_table(summary, failed, skipped, table=not args.csv, quiet=args.quiet)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
@@ -292,14 +294,21 @@ def table_row(r: dict, width: int) -> str:
     return f"{r['file']:<{width}}  {r['label']:<12} {r['probability']:6.3f}  {flag:<9}  {r['inference_ms']:7.2f}  {top}"
 
 
-def finish_table(summary: dict, failed: list[dict], skipped: list[tuple[str, str]], to_stdout: bool, quiet: bool) -> None:
-    """The end of a table (on stdout) or of CSV (the notes go to stderr: stdout is data)."""
-    out = sys.stdout if to_stdout else sys.stderr
-    if failed and to_stdout:
-        print(f"\n{len(failed)} of {summary['images']} file(s) could not be classified:", file=out)
+def quiet_row(r: dict) -> str:
+    """One image's answer under --quiet, readable without the table's header."""
+    return f"{r['file']}: {r['label']} (p {r['probability']:.3f}{', uncertain' if r['uncertain'] else ''})"
+
+
+def finish_table(summary: dict, failed: list[dict], skipped: list[tuple[str, str]], table: bool, quiet: bool) -> None:
+    """The end of a table (on stdout), or of --quiet's answers or of CSV (the notes go to stderr:
+    stdout holds only the answers)."""
+    out = sys.stdout if table and not quiet else sys.stderr
+    if failed and table:
+        gap = "" if quiet else "\n"  # a table's end is set apart from its rows
+        print(f"{gap}{len(failed)} of {summary['images']} file(s) could not be classified:", file=out)
         for r in failed:
             print(f"  {r['error']}", file=out)
-    elif not quiet and to_stdout:
+    elif not quiet and table:
         print(f"\n{summary['classified']} image(s) classified", file=out)
     if summary["already_done"] and not quiet:
         print(f"{summary['already_done']} file(s) already classified in --skip-done, not repeated", file=out)

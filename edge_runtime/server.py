@@ -577,11 +577,13 @@ def announce(args, path: Path, addresses: list[str]) -> None:
         print_json({"urls": addresses, "model": str(path), "token_required": bool(args.token)})
         sys.stdout.flush()
         return
-    if not args.quiet:
-        print(f"Serving {path} — open on the device:")
-        for address in addresses:
-            print(f"  {address}")
-        print("Ctrl+C stops the server.", flush=True)
+    if args.quiet:  # its result: where it serves, in one line
+        print(f"{path}: serving at {', '.join(addresses)} (Ctrl+C stops)", flush=True)
+        return
+    print(f"Serving {path} — open on the device:")
+    for address in addresses:
+        print(f"  {address}")
+    print("Ctrl+C stops the server.", flush=True)
 
 
 def _configure_logging(quiet: bool) -> None:

@@ -9,6 +9,7 @@ the model thinks IDC is and where it is. Pillow only: it runs on the edge instal
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from edge_runtime.atomic import atomic_path
 from edge_runtime.backends import BACKENDS
-from edge_runtime.console import add_output_flags, print_json, progress, say
+from edge_runtime.console import add_output_flags, print_json, progress, result
 from edge_runtime.errors import EXIT_OK, EXIT_SOME_FAILED, ImageError, ModelError, OncoliteError
 from edge_runtime.idc import IDC_POSITIVE, parse_idc_name
 from edge_runtime.preprocess import open_image
@@ -79,11 +80,12 @@ def main(args) -> int:
     if args.json:
         print_json(summary)
     else:
-        say(args, f"{out}: {len(placed)} patches of patient {patient}, {summary['width']}x{summary['height']} slide px; "
-                  f"predicted IDC in {summary['predicted_idc']}, ground truth IDC in {summary['true_idc']}, "
-                  f"agreement {summary['agreement']:.1%}")
+        result(args, f"{out}: {len(placed)} patches of patient {patient}, {summary['width']}x{summary['height']} slide px; "
+                     f"predicted IDC in {summary['predicted_idc']}, ground truth IDC in {summary['true_idc']}, "
+                     f"agreement {summary['agreement']:.1%}")
         for line in malformed + [f["error"] for f in failed]:
-            say(args, f"  skipped: {line}")
+            # Under --quiet stdout holds the result alone: what was skipped is said on stderr.
+            print(f"  skipped: {line}", file=sys.stderr if args.quiet else sys.stdout)
     return EXIT_SOME_FAILED if failed or malformed else EXIT_OK
 
 

@@ -484,23 +484,26 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from edge_runtime.console import print_json, say
+    from edge_runtime.console import print_json, result, say
 
     if not 0 <= args.port <= 65535:
         raise OncoliteError(f"--port {args.port}: must be 0..65535 (0 picks a free port)")
     summary = build(args.model, args.out, runtime_dir=args.runtime)
-    if args.json:
-        print_json(summary)
     model = summary["model"]
+    wrote = (f"{summary['out']}: web app of {model['name']} ({model['variant'] or model['kind']}), {summary['files']} "
+             f"files, {summary['size_bytes'] / 2**20:.1f} MB, LiteRT.js {summary['runtime']['version']}")
     say(args,
-        f"wrote {summary['out']}: {summary['files']} files, {summary['size_bytes'] / 2**20:.1f} MB",
         f"model        {model['name']} ({model['variant'] or model['kind']}, sha256 {model['sha256'][:16]}...)",
         f"runtime      LiteRT.js {summary['runtime']['version']} (WebAssembly), copied into runtime/",
         f"uncertain    {'flagged below a top-2 gap of ' + format(summary['uncertain_margin'], 'g') if summary['uncertain_margin'] is not None else 'not flagged (no uncertain_margin in the model facts)'}",
         "serve the folder over HTTPS (or on localhost) and open it once: it then works offline")
-    if args.serve:
+    if not args.serve:
+        print_json(summary) if args.json else result(args, wrote)
+    else:
         with serve_folder(summary["out"], args.host, args.port) as url:
-            say(args, f"serving {summary['out']} at {url} (Ctrl+C stops)")
+            # Serving, the result is the folder and where it is served, in one line.
+            print_json({**summary, "url": url}) if args.json else result(args, f"{wrote}; serving at {url} (Ctrl+C stops)")
+            sys.stdout.flush()
             try:
                 threading.Event().wait()
             except KeyboardInterrupt:

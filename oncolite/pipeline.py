@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from edge_runtime.atomic import write_json, write_text
-from edge_runtime.console import add_output_flags, old_spelling, print_json
+from edge_runtime.console import add_output_flags, old_spelling, print_json, result, say
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from edge_runtime.resources import WORKSPACE, shown
 
@@ -49,6 +49,9 @@ def add_arguments(parser) -> None:
     add_profile_argument(parser)
     parser.add_argument("--dataset", help="dataset defaults (configs/datasets/<name>.json; default: from the layout)")
     parser.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
+    parser.add_argument("--until", choices=STAGES, default=STAGES[-1],
+                        help="stop after this stage (e.g. evaluate: float models only, for comparing training "
+                             "recipes with python -m oncolite.benchmarks.float_study); a later run without it goes on")
     parser.add_argument("--folds", type=int, metavar="K",
                         help=f"{FOLDS_HELP}; every fold is trained and benchmarked (default: the config's `folds`, "
                              "the profile's)")
@@ -80,6 +83,8 @@ def main(args) -> int:
     if folds < 1:
         raise OncoliteError(f"--folds {folds}: need at least 1 (1: one train/val/test split; K: K-fold cross-validation)")
     only = only_folds(args.only_folds, folds)
+    if args.publish and args.until != STAGES[-1]:
+        raise OncoliteError(f"--publish needs the whole run; drop --until {args.until} (or --publish)")
     run.mkdir(parents=True, exist_ok=True)
     fold_dirs = [run] if folds == 1 else [run / "folds" / str(i) for i in range(folds)]
     state = _load_state(run)
@@ -120,6 +125,8 @@ def main(args) -> int:
         per_fold["benchmark"].append((f"{prefix}benchmark", ["benchmark", str(fold_dir),
                                                              *([] if first else ["--no-timing"])]))
     plan += [step for steps in per_fold.values() for step in steps]
+    last = STAGES.index(args.until)
+    plan = [(key, argv) for key, argv in plan if STAGES.index(key.split("/")[-1]) <= last]
 
     started = time.monotonic()
     for n, (key, argv) in enumerate(plan, 1):
@@ -139,6 +146,12 @@ def main(args) -> int:
         _save_state(run, state)
 
     ran = [fold_dirs[i] for i in only]
+    if args.until != STAGES[-1]:
+        if args.json:
+            print_json({"run": str(run), "until": args.until, "folds": [str(d) for d in ran]})
+        else:
+            result(args, f"stopped after {args.until}; run directory: {run} (the same command without --until goes on)")
+        return EXIT_OK
     summary = summarize(run, ran)
     summary["warnings"] = int8_warnings(ran)
     summary["profile"] = profile
@@ -152,9 +165,8 @@ def main(args) -> int:
         publish(run, ran[0], args.publish)
     if args.json:
         print_json(summary)
-    elif not args.quiet:
-        print(summary_markdown(summary))
-        print(f"run directory: {run}")
+    say(args, summary_markdown(summary))
+    result(args, f"report: {run / 'report.md'}: {headline(summary)}")
     for warning in summary["warnings"]:
         print(f"oncolite run: warning: {warning}", file=sys.stderr)
     return EXIT_OK
@@ -270,6 +282,18 @@ def summarize(run: Path, fold_dirs: list[Path]) -> dict:
     return {"variants": variants, "pooled": pooled, "split": per_fold[0].get("split"), "folds": len(fold_dirs),
             "run": str(run), "stages": {k: {**v, "argv": [shown(a) for a in v.get("argv", [])]}
                                         for k, v in _load_state(run).items() if k != "settings"}}
+
+
+def headline(summary: dict) -> str:
+    """The result line's figures: MCC of the float model and of the shipped int8 model, over the folds."""
+    parts = []
+    for name in ("keras_float", "tflite_int8"):
+        mcc = summary["variants"].get(name, {}).get("mcc")
+        if mcc:
+            spread = f" ± {mcc['std']:.3f}" if len(mcc["folds"]) > 1 else ""
+            parts.append(f"{name} MCC {mcc['mean']:.3f}{spread}")
+    folds = summary["folds"]
+    return ", ".join(parts or ["no MCC in the benchmark reports"]) + (f" over {folds} folds" if folds > 1 else "")
 
 
 def summary_markdown(summary: dict, command: str | None = None) -> str:

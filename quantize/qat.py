@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.atomic import atomic_path, write_json
-from edge_runtime.console import add_output_flags, print_json, progress, say
+from edge_runtime.console import add_output_flags, print_json, progress, result
 from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
 from edge_runtime.hashing import file_sha256
 from .rundir import Run, open_run
@@ -399,9 +399,7 @@ def main(args) -> int:
     summary = run_qat(run, settings, resume=args.resume, quiet=args.quiet or args.json)
     if args.json:
         print_json(summary)
-    else:
-        best = summary["validation"]
-        say(args, f"QAT model: {summary['qat_model']}",
-            f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: agreement with float "
-            f"{best['agreement']:.1%}, accuracy {best['accuracy']:.1%} on the validation side")
+    best = summary["validation"]
+    result(args, f"{summary['qat_model']}: best epoch {summary['best_epoch']} of {summary['epochs_run']}, agreement with "
+                 f"float {best['agreement']:.1%}, accuracy {best['accuracy']:.1%} on the validation side")
     return EXIT_OK

@@ -2,7 +2,9 @@
 and `run` share one profile default; a finished training is left as it is (`--force` trains it
 again); `--quiet` prints the result line; the export report shows both |Δp| alike; the manifest
 records the labels actually used and the command as given; export keeps a log as train does;
-`--folds K` is K-fold cross-validation for `split` and `run` alike, `run --only-folds` a subset."""
+`--folds K` is K-fold cross-validation for `split` and `run` alike, `run --only-folds` a subset,
+and `train --folds K` refuses a manifest with another fold count; every command prints its one
+result line under `--quiet` (predict: one per image) and JSON alone under `--json`."""
 
 from __future__ import annotations
 
@@ -234,6 +236,189 @@ def test_a_run_made_before_only_folds_existed_keeps_its_finished_stages(data, tm
                                                  "split": {"status": "done"}}))
     stages = [c[0] for c in plan_of(monkeypatch, run, "--data", data)]
     assert "audit" not in stages and "split" not in stages and "train" in stages
+
+
+def test_run_until_a_stage_stops_after_it_and_a_later_run_goes_on(data, tmp_path, monkeypatch, capsys):
+    """`--until evaluate` trains and evaluates the float models and stops (no quantize, no
+    report); `--publish` needs the whole run and is refused with --until."""
+    import edge_runtime.cli
+
+    calls = []
+    monkeypatch.setattr(edge_runtime.cli, "dispatch", lambda prog, commands, stage, groups=None: calls.append(stage) or 0)
+    run = tmp_path / "floats"
+    assert oncolite(["run", str(run), "--data", str(data), "--profile", "quick", "--folds", "3", "--only-folds", "0",
+                     "--until", "evaluate"]) == 0
+    assert [c[0] for c in calls] == ["audit", "split", "train", "evaluate"]
+    assert "stopped after evaluate" in capsys.readouterr().out and not (run / "report.md").exists()
+    calls.clear()
+    assert oncolite(["run", str(run), "--data", str(data), "--profile", "quick", "--folds", "3", "--only-folds", "0",
+                     "--until", "export"]) == 0
+    assert [c[0] for c in calls] == ["quantize", "export"]  # the finished stages are not redone
+    assert oncolite(["run", str(run), "--data", str(data), "--profile", "quick", "--until", "train",
+                     "--publish", "x"]) == EXIT_USAGE
+    assert "--publish needs the whole run" in capsys.readouterr().err
+
+
+def test_train_folds_k_must_be_the_manifests_fold_count(data, tmp_path, capsys):
+    """`train --folds K` trains folds 0..K-1 of the manifest: another K is refused in one line naming
+    the manifest, its fold count and the fix, before anything is written (and before TensorFlow)."""
+    three, one = tmp_path / "three.json", tmp_path / "one.json"
+    assert oncolite(["split", str(data), "--out", str(three), "--folds", "3", "--quiet"]) == EXIT_OK
+    assert oncolite(["split", str(data), "--out", str(one), "--folds", "1", "--quiet"]) == EXIT_OK
+    capsys.readouterr()
+    for manifest, folds, says in ((three, "2", "3 cross-validation folds, and --folds 2 asks for 2; give --folds 3"),
+                                  (three, "5", "3 cross-validation folds, and --folds 5 asks for 5; give --folds 3"),
+                                  (one, "3", "one train/val/test split, no cross-validation folds, and --folds 3")):
+        run = tmp_path / f"run-{manifest.stem}-{folds}"
+        assert oncolite(["train", str(run), "--manifest", str(manifest), "--folds", folds, "--profile", "quick",
+                         "--quiet", *TINY_SETS]) == EXIT_USAGE
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"oncolite train: error: {manifest}: {says}") and f"oncolite split DATA --folds {folds}" in err
+        assert not run.exists()
+
+
+# --------------------------------------------------------------------- 11: --quiet is the result line, --json only JSON
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory) -> dict:
+    """A tiny uint8-I/O model (what info, predict, bench and webapp take), an image, a tiny IDC
+    model and patient folder (slidemap), stand-ins for the LiteRT.js files (webapp)."""
+    from PIL import Image
+
+    from edge_runtime.idc import IDC_LABELS
+    from edge_runtime.webapp import RUNTIME_FILES
+    from tests.edge_models import write_images
+    from tests.webapp_models import tiny_model
+
+    root = tmp_path_factory.mktemp("edge")
+    patient = root / "10253"
+    for x, y, cls in ((1, 1, 0), (51, 1, 0), (1, 51, 1)):
+        (patient / str(cls)).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (50, 50), (200, 40 * cls, 90)).save(patient / str(cls) / f"10253_idx5_x{x}_y{y}_class{cls}.png")
+    runtime = root / "node_modules"
+    for name in RUNTIME_FILES:
+        path = runtime / "@litertjs" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"version": "9.9.9"}) if name.endswith("package.json") else f"// {name}\n")
+    return {"model": str(tiny_model(root / "models")), "image": str(write_images(root / "images", n=1)[0]),
+            "idc": str(tiny_model(root / "idc", labels=IDC_LABELS)), "patient": str(patient),
+            "runtime": str(runtime), "root": root}
+
+
+# (program, argv from the `edge` fixture, stdout under --json is JSON Lines)
+CHEAP = {
+    "config": ("oncolite", lambda e: ["config", "export.gate"], False),
+    "info": ("edge", lambda e: ["info", e["model"]], False),
+    "predict": ("edge", lambda e: ["predict", e["model"], e["image"]], True),
+    "bench": ("edge", lambda e: ["bench", e["model"], "--runs", "2", "--warmup", "0", "--batch", "0"], False),
+    "slidemap": ("edge", lambda e: ["slidemap", e["idc"], e["patient"], "--out", str(e["root"] / "map.png")], False),
+    "webapp": ("edge", lambda e: ["webapp", e["model"], "--out", str(e["root"] / "app"), "--runtime", e["runtime"]], False),
+}
+
+
+@pytest.mark.parametrize("name", list(CHEAP))
+def test_quiet_prints_one_result_line_and_json_only_json(name, edge, capsys):
+    from edge_runtime.cli import main as edge_main
+
+    program, argv, json_lines = CHEAP[name]
+    run = oncolite if program == "oncolite" else edge_main
+    capsys.readouterr()
+    assert run([*argv(edge), "--quiet"]) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and out.strip() and err == "", (out, err)
+    assert run([*argv(edge), "--json"]) == EXIT_OK
+    out = capsys.readouterr().out
+    parsed = [json.loads(line) for line in out.splitlines()] if json_lines else json.loads(out)
+    assert parsed
+
+
+def test_the_result_lines_say_what_was_written_and_the_headline(edge, capsys):
+    from edge_runtime.cli import main as edge_main
+    from oncolite.train.config import DEFAULTS_PATH, read_config_file
+
+    results = {}
+    for name, (program, argv, _) in CHEAP.items():
+        (oncolite if program == "oncolite" else edge_main)([*argv(edge), "--quiet"])
+        results[name] = capsys.readouterr().out.rstrip("\n")
+    assert results["config"] == f"export.gate = {json.dumps(read_config_file(DEFAULTS_PATH)['export']['gate'])}"
+    assert results["info"].startswith(f"{edge['model']}: checks passed; ") and "labels benign, malignant, normal" in results["info"]
+    assert results["predict"].startswith(f"{edge['image']}: ") and "(p 0." in results["predict"]
+    assert results["bench"].startswith(f"{edge['model']}: p50 latency ") and "@1 thread" in results["bench"]
+    assert results["slidemap"].startswith(f"{edge['root'] / 'map.png'}: 3 patches of patient 10253")
+    assert results["webapp"].startswith(f"{edge['root'] / 'app'}: web app of ") and "LiteRT.js 9.9.9" in results["webapp"]
+
+
+def test_predict_under_quiet_prints_one_answer_per_image_and_failures_on_stderr(edge, tmp_path, capsys):
+    from edge_runtime.cli import main as edge_main
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert edge_main(["predict", edge["model"], edge["image"], str(bad), "--quiet"]) == 1
+    out, err = capsys.readouterr()
+    [answer] = out.splitlines()  # the good image's answer alone; the failure is an error, on stderr
+    assert answer.startswith(f"{edge['image']}: ") and "(p 0." in answer
+    assert "1 of 2 file(s) could not be classified" in err and str(bad) in err
+
+
+def test_serve_under_quiet_prints_where_it_serves_in_one_line(capsys):
+    import argparse
+
+    from edge_runtime import server
+
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)
+    server.announce(parser.parse_args(["--quiet"]), Path("m.tflite"), ["http://127.0.0.1:8000/"])
+    out, err = capsys.readouterr()
+    assert out == "m.tflite: serving at http://127.0.0.1:8000/ (Ctrl+C stops)\n" and err == ""
+
+
+def test_run_under_quiet_prints_its_result_line_and_under_json_only_json(data, tmp_path, monkeypatch, capsys):
+    """The stages run with --quiet, their stdout swallowed; the run's own result is one line: where
+    it stopped (--until), or report.md and the headline MCCs."""
+    import edge_runtime.cli
+    from oncolite import pipeline
+
+    monkeypatch.setattr(edge_runtime.cli, "dispatch", lambda prog, commands, stage, groups=None: print("stage says") or 0)
+    run = tmp_path / "r"
+    argv = ["run", str(run), "--data", str(data), "--profile", "quick"]
+    assert oncolite([*argv, "--until", "evaluate", "--quiet"]) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert out == f"stopped after evaluate; run directory: {run} (the same command without --until goes on)\n" and err == ""
+    mcc = {"mean": 0.5, "std": 0.0, "folds": [0.5]}
+    summary = {"variants": {"keras_float": {"mcc": mcc}, "tflite_int8": {"mcc": {**mcc, "mean": 0.25}}}, "pooled": {},
+               "split": None, "folds": 1, "run": str(run), "stages": {}}
+    monkeypatch.setattr(pipeline, "summarize", lambda *a: dict(summary))
+    monkeypatch.setattr(pipeline, "int8_warnings", lambda ran: [])
+    assert oncolite([*argv, "--quiet"]) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert out == f"report: {run / 'report.md'}: keras_float MCC 0.500, tflite_int8 MCC 0.250\n" and err == ""
+    assert oncolite([*argv, "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["variants"]["tflite_int8"]["mcc"]["mean"] == 0.25
+
+
+@pytest.mark.slow
+def test_evaluate_explain_and_benchmark_print_one_result_line_under_quiet(trained, data, capsys):
+    image = str(next(data.rglob("*.png")))
+    capsys.readouterr()
+    assert oncolite(["export", str(trained), "--variants", "fp32", "--quiet"]) == EXIT_OK
+    capsys.readouterr()
+    commands = {"evaluate": ["evaluate", str(trained), "--bootstrap", "0"],
+                "explain": ["explain", str(trained), image],
+                "benchmark": ["benchmark", str(trained), "--no-timing", "--no-browser", "--bootstrap", "0"]}
+    for name, argv in commands.items():
+        assert oncolite([*argv, "--quiet"]) == EXIT_OK, name
+        out, err = capsys.readouterr()
+        assert len(out.splitlines()) == 1 and err == "", (name, out, err)
+        results = out.rstrip("\n")
+        assert oncolite([*argv, "--json"]) == EXIT_OK, name
+        json.loads(capsys.readouterr().out)
+        if name == "evaluate":
+            assert results.startswith(f"report: {trained / 'eval'}") and "images, MCC " in results
+        elif name == "explain":
+            assert results.startswith(f"{trained / 'explain'}") and "Grad-CAM of " in results
+        else:
+            assert results.startswith(f"report: {trained / 'benchmark' / 'report.md'}: ") and "keras_float MCC" in results
 
 
 # --------------------------------------------------------------------- 10: one rendering of the answer

@@ -126,12 +126,16 @@ def planted_manifest(folder: Path) -> Path:
     return folder / "manifest.json"
 
 
-def test_quiet_training_prints_nothing_on_stderr_not_even_tensorflows_import_lines(tmp_path):
+def test_quiet_training_prints_its_result_line_and_nothing_on_stderr_not_even_tensorflows_import_lines(tmp_path):
+    """--quiet: nothing but errors and the result, the one line naming the model and its headline
+    figure (issue 16's contract)."""
     sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     result = oncolite("train", tmp_path / "run", "--manifest", planted_manifest(tmp_path), "--quiet", *sets)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr == "" and result.stdout == ""
-    assert (tmp_path / "run" / "models" / "float.keras").exists()
+    model = tmp_path / "run" / "models" / "float.keras"
+    assert result.stderr == "" and len(result.stdout.splitlines()) == 1, result.stdout
+    assert result.stdout.startswith(f"{model}: best val_mcc ") and result.stdout.endswith("(head epoch 1, val 8 images)\n")
+    assert model.exists()
 
 
 def test_each_epoch_shows_a_per_batch_progress_bar_unless_quiet(tmp_path, capsys, monkeypatch):

@@ -500,7 +500,9 @@ def main(args) -> int:
     if args.json:
         print_json({"defaults": str(DEFAULTS_PATH), "settings": settings})
         return 0
+    if args.quiet:  # the values alone, one `KEY = VALUE` line per setting: `oncolite config qat.lr -q` is one line
+        print("\n".join(f"{s['key']} = {json.dumps(s['default'])}" for s in settings))
+        return 0
     print("\n".join(f"{s['key']} = {json.dumps(s['default'])}\n    {s['doc']}; accepts {s['accepts']}" for s in settings))
-    if not args.quiet:
-        print(f"\n(defaults: {DEFAULTS_PATH}; change one with --set KEY=VALUE or a --config file)")
+    print(f"\n(defaults: {DEFAULTS_PATH}; change one with --set KEY=VALUE or a --config file)")
     return 0

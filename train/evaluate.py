@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 from edge_runtime.atomic import atomic_path, write_json, write_text
-from edge_runtime.console import add_output_flags, print_json, progress, say
+from edge_runtime.console import add_output_flags, print_json, progress, result, say
 from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
 from edge_runtime.hashing import file_sha256
 from edge_runtime.preprocess import Preprocessing, open_image
@@ -478,5 +478,7 @@ def main(args) -> int:
             say(args, f"  {name:<18} {value}  [{ci}]")
     if report["baseline"]:
         say(args, f"  majority baseline accuracy {_fmt(report['baseline']['metrics']['accuracy'])[0]}")
-    say(args, f"report: {report['out']}/metrics.md")
+    mcc, ci = _fmt(image["metrics"]["mcc"])
+    result(args, f"report: {report['out']}/metrics.md: {Path(report['model']).name} on {image['n']} {report['side']} "
+                 f"images, MCC {mcc}" + (f" [{ci}]" if ci else ""))
     return EXIT_OK

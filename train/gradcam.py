@@ -16,7 +16,7 @@ import numpy as np
 
 from PIL import Image
 
-from edge_runtime.console import add_output_flags, old_spelling, print_json, say
+from edge_runtime.console import add_output_flags, old_spelling, print_json, result
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from edge_runtime.preprocess import normalize, open_image, resize
 from .config import load_config, preprocessing
@@ -60,12 +60,10 @@ def main(args) -> int:
     out = Path(args.out or run / "explain" / f"{Path(args.image).name}.gradcam.png")
     title = f"{labels[index]} p={probs[index]:.3f}  (Grad-CAM, layer {args.layer})"
     write_overlay(out, pixels, heatmap, title)
-    result = {"image": str(args.image), "out": str(out), "label": labels[index], "probability": float(probs[index]),
-              "probabilities": dict(zip(labels, map(float, probs))), "layer": args.layer}
     if args.json:
-        print_json(result)
-    else:
-        say(args, f"{labels[index]} ({probs[index]:.3f}); Grad-CAM written to {out}")
+        print_json({"image": str(args.image), "out": str(out), "label": labels[index], "probability": float(probs[index]),
+                    "probabilities": dict(zip(labels, map(float, probs))), "layer": args.layer})
+    result(args, f"{out}: Grad-CAM of {labels[index]} (p {probs[index]:.3f}) over {args.image}, layer {args.layer}")
     return EXIT_OK
 
 

@@ -50,7 +50,7 @@ from edge_runtime.resources import WORKSPACE
 from .checkpoints import save_resume_point
 from .config import (PROVENANCE_KEY, add_profile_argument, add_set_argument, available, default_profile, load_config,
                      parse_overrides, preprocessing, read_config_file, same_settings, stored_config)
-from .manifest import load_manifest, write_manifest
+from .manifest import load_manifest, verify_manifest, write_manifest
 from .plots import pyplot, save_png
 from .provenance import versions
 
@@ -116,7 +116,8 @@ def main(args) -> int:
         profile = args.profile or default_profile()
         config = load_config(dataset=args.dataset, profile=profile, path=args.config, overrides=overrides)
         run_dir = Path(given or WORKSPACE / "runs" / f"{Path(args.manifest).resolve().parent.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        folds, fold = args.folds, args.fold
+        # --folds 1 is one train/val/test split, as in `split` and `run` (the manifest's own split).
+        folds, fold = (None if args.folds == 1 else args.folds), args.fold
     if args.force:
         forget_training(run_dir, folds)
     elif finished_mark(run_dir, folds).exists():
@@ -135,7 +136,10 @@ def main(args) -> int:
         manifest = load_manifest(source)
         check_manifest(manifest, provenance, run_dir)
     else:
-        manifest = load_manifest(args.manifest)
+        # Read, checked against --folds, then verified: a wrong --folds is refused before the hashing.
+        manifest = load_manifest(args.manifest, verify=False)
+        check_folds(manifest, args.folds)
+        verify_manifest(manifest, check_hashes=manifest.path.suffix.lower() != ".csv")
         for f in range(folds) if folds else [fold]:  # before --tune's trials, too
             check_training_labels(manifest, f)
         if args.tune:
@@ -152,8 +156,33 @@ def main(args) -> int:
     if args.json:
         print_json(summary)
     else:
-        say(args, *summary_lines(summary), f"run directory: {run_dir}")
+        say(args, *summary_lines(summary))
+        result(args, result_line(run_dir, summary))
     return EXIT_OK
+
+
+def check_folds(manifest, asked: int | None) -> None:
+    """`--folds K` trains folds 0..K-1 of the manifest's cross-validation: K must be its fold count."""
+    if asked is None or asked == manifest.folds:
+        return
+    fix = f"or make a {asked}-fold manifest with `oncolite split DATA --folds {asked}`"
+    if manifest.folds == 1:
+        raise ManifestError(f"{manifest.path}: one train/val/test split, no cross-validation folds, and --folds {asked} "
+                            f"asks for {asked}; drop --folds to train its split, {fix}")
+    raise ManifestError(f"{manifest.path}: {manifest.folds} cross-validation folds, and --folds {asked} asks for {asked}; "
+                        f"give --folds {manifest.folds} (or --fold I for one fold), {fix}")
+
+
+def result_line(run_dir: Path, summary: dict) -> str:
+    """The one result line: the model (or cv.json) written and the headline figure."""
+    if isinstance(summary.get("folds"), list):
+        mcc = summary.get("val", {}).get("mcc")
+        figure = f"val MCC {mcc['mean']:.3f} ± {mcc['std']:.3f}" if mcc else "no validation side"
+        return f"{run_dir / 'cv.json'}: {figure} over {len(summary['folds'])} folds (models: {run_dir / 'folds'}/<i>/models/float.keras)"
+    best = summary["best"]
+    val = f", val {summary['val']['n']} images" if summary.get("val") else ""
+    return (f"{run_dir / 'models' / 'float.keras'}: best {summary['monitor']} {best['value']:.3f} "
+            f"({best['phase']} epoch {best['epoch']}{val})")
 
 
 def summary_lines(summary: dict) -> list[str]:
