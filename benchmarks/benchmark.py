@@ -32,6 +32,7 @@ from edge_runtime.console import add_output_flags, old_spelling, print_json, pro
 from edge_runtime.errors import EXIT_OK, EXIT_SOME_FAILED, OncoliteError
 from edge_runtime.hashing import file_sha256
 from oncolite.train.config import add_set_argument, with_overrides
+from oncolite.train.rundir import RunDir
 
 from .pooled import flipped_images, fold_predictions
 from .report import BASELINE, FLOAT
@@ -91,9 +92,9 @@ def main(args) -> int:
 
         reports = [load_report(p) for p in [run_dir, *args.compare]]
         merged = compare_reports(reports)
-        md = write_comparison(run_dir / "benchmark", merged)
+        md = write_comparison(RunDir(run_dir).benchmark_dir, merged)
         print_json(merged) if args.json else say(args, md)
-        result(args, f"report: {run_dir / 'benchmark' / 'compare.md'}: {len(merged['rows'])} rows from "
+        result(args, f"report: {RunDir(run_dir).benchmark_dir / 'compare.md'}: {len(merged['rows'])} rows from "
                      f"{len(reports)} reports")
         return EXIT_OK
     from .report import write_report
@@ -109,11 +110,11 @@ def main(args) -> int:
                                      bootstrap=args.bootstrap, targets=args.target, benchmark_model=args.benchmark_model,
                                      browser=args.browser, quiet=args.quiet or args.json, command=args.command_line)
 
-    md = write_report(run_dir / "benchmark", report, probs, y)
+    md = write_report(run.dir.benchmark_dir, report, probs, y)
     # report.md holds every timing: the CPU's int8 features, the float model's ways of calling,
     # batch throughput, the image-to-answer split and the browser's latency.
     print_json(report) if args.json else say(args, md)
-    result(args, f"report: {run_dir / 'benchmark' / 'report.md'}: {headline(report)}")
+    result(args, f"report: {run.dir.benchmark_report_md}: {headline(report)}")
     return EXIT_SOME_FAILED if report["failures"] else EXIT_OK
 
 
@@ -174,7 +175,7 @@ def load_report(path) -> dict:
     """A report.json, or the one inside a run directory."""
     path = Path(path)
     if path.is_dir():
-        path = path / "benchmark" / "report.json"
+        path = RunDir(path).benchmark_report
     if not path.is_file():
         raise OncoliteError(f"{path}: no benchmark report; run `oncolite benchmark RUN_DIR` first")
     try:
@@ -188,14 +189,14 @@ def find_models(run_dir: Path) -> dict[str, Path]:
     (export's variants in its order, then any other .tflite, e.g. int8_ptq_selective)."""
     from edge_runtime.variants import VARIANTS
 
-    models = run_dir / "models"
-    keras_path = models / "float.keras"
+    layout = RunDir(run_dir)
+    models, keras_path = layout.models, layout.float_model
     if not keras_path.is_file():
         raise OncoliteError(f"{keras_path}: missing; train first (`oncolite train`) or give the right RUN_DIR")
     found = {FLOAT: keras_path}
     # Hidden files are an atomic writer's temporaries (.<stem>.<random>.tmp.tflite), possibly half-written.
     others = sorted(p for p in models.glob("*.tflite") if p.stem not in VARIANTS and not p.name.startswith("."))
-    for path in [models / f"{v}.tflite" for v in VARIANTS] + others:
+    for path in [layout.variant(v) for v in VARIANTS] + others:
         if path.is_file():
             found[f"tflite_{path.stem}"] = path
     if len(found) == 1:
@@ -207,14 +208,15 @@ def model_preprocessing(run_dir: Path):
     """The preprocessing the variants were exported with (their sidecars carry it)."""
     from edge_runtime.preprocess import Preprocessing
 
-    for sidecar in sorted(p for p in (run_dir / "models").glob("*.json") if not p.name.startswith(".")):
+    models = RunDir(run_dir).models
+    for sidecar in sorted(p for p in models.glob("*.json") if not p.name.startswith(".")):
         try:
             d = json.loads(sidecar.read_text())
         except (OSError, json.JSONDecodeError):
             continue
         if "preprocessing" in d:
             return Preprocessing.from_dict(d["preprocessing"])
-    raise OncoliteError(f"{run_dir / 'models'}: no <variant>.json sidecar with preprocessing; re-run `oncolite export`")
+    raise OncoliteError(f"{models}: no <variant>.json sidecar with preprocessing; re-run `oncolite export`")
 
 
 def run_benchmark(run, manifest_path=None, side="test", threads=(1, 2), runs=50, warmup=5, bootstrap=1000,
@@ -226,7 +228,7 @@ def run_benchmark(run, manifest_path=None, side="test", threads=(1, 2), runs=50,
     run_dir = run.path
     models = find_models(run_dir)
     manifest = load_manifest(manifest_path) if manifest_path else run.manifest
-    manifest_path = Path(manifest_path or run_dir / "manifest.json")
+    manifest_path = Path(manifest_path or run.dir.manifest_copy)
     sides = manifest.sides(fold=run.fold)
     items = sides[side]
     if not items:
@@ -571,7 +573,7 @@ def main_byo(args) -> int:
         threads=threads, runs=settings["runs"] if args.runs is None else args.runs,
         warmup=settings["warmup"] if args.warmup is None else args.warmup, bootstrap=args.bootstrap,
         browser=args.browser, quiet=args.quiet or args.json, command=args.command_line)
-    out = Path(report["run"]) / "benchmark"
+    out = RunDir(report["run"]).benchmark_dir
     md = write_report(out, report, probs, y)
     print_json(report) if args.json else say(args, md)
     result(args, f"report: {out / 'report.md'}: {headline(report)}")
@@ -625,8 +627,8 @@ def run_byo_benchmark(float_model, tflite_paths, data=None, manifest=None, side=
     if not items:
         raise OncoliteError(f"{where}: no {side} images; pick --side or give --data DIR")
     y = np.array([labels.index(it["label"]) for it in items])
-    models = byo_models(out / "float.keras", tflite_paths)
     run = ModelRun(path=out, config={}, manifest=source, prep=float_prep, given_labels=labels, source=facts)
+    models = byo_models(run.dir.float_model, tflite_paths)
 
     probs, rules, bands, edge_args = {}, {}, {}, {}
     float_predictor = Predictor(lambda x: np.asarray(prepared.predict_on_batch(x), dtype=np.float32), float_prep,

@@ -27,6 +27,7 @@ from edge_runtime.atomic import write_json, write_text
 from edge_runtime.console import add_output_flags, print_json
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from oncolite.train import metrics
+from oncolite.train.rundir import RunDir
 
 from .int8_study import fold_dirs
 
@@ -38,9 +39,9 @@ NOT_RECIPE = {"run", "folds", "tune", "qat", "export", "benchmark", "cache", "mi
 
 def side_predictions(fold_dir: Path, side: str, quiet: bool) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """(image paths, labels, true class indices, probabilities) of one fold's float model on one side."""
-    path = fold_dir / "eval" / SIDE_DIRS[side] / "predictions.csv"
+    path = RunDir(fold_dir).eval_dir(SIDE_DIRS[side]) / "predictions.csv"
     if not path.is_file():
-        if not (fold_dir / "models" / "float.keras").is_file():
+        if not RunDir(fold_dir).float_model.is_file():
             raise OncoliteError(f"{fold_dir}: no models/float.keras; train this fold first "
                                 f"(`oncolite train {fold_dir} --manifest ... --fold N`)")
         from oncolite.train.evaluate import evaluate
@@ -72,7 +73,7 @@ def recipe_changes(config: dict, base: dict) -> dict:
 
 
 def train_seconds(fold_dir: Path) -> float:
-    path = fold_dir / "train" / "history.csv"
+    path = RunDir(fold_dir).history
     with open(path, newline="", encoding="utf-8") as f:
         return sum(float(r["seconds"]) for r in csv.DictReader(f))
 
@@ -82,19 +83,19 @@ def trained_folds(run: Path) -> list[str]:
     folds = fold_dirs(run)
     if folds == [run]:
         raise OncoliteError(f"{run}: not a cross-validation run (no folds/<i>/); train the folds of one manifest")
-    return [f.name for f in folds if (f / "models" / "float.keras").is_file() or (f / "eval" / "float").is_dir()]
+    return [f.name for f in folds if RunDir(f).float_model.is_file() or RunDir(f).eval_dir("float").is_dir()]
 
 
 def collect(run: Path, folds: list[str], quiet: bool) -> dict:
     """One recipe on the given folds: pooled validation and test predictions, config, training time."""
-    folds = [run / "folds" / name for name in folds]
+    folds = [RunDir(run).fold(name).path for name in folds]
     sides = {}
     for side in SIDE_DIRS:
         parts = [side_predictions(f, side, quiet) for f in folds]
         sides[side] = {"images": [(i, name) for i, p in enumerate(parts) for name in p[0]], "labels": parts[0][1],
                        "y": np.concatenate([p[2] for p in parts]), "probs": np.concatenate([p[3] for p in parts]),
                        "fold_sizes": [len(p[0]) for p in parts]}
-    config = json.loads((folds[0] / "config.json").read_text(encoding="utf-8"))
+    config = json.loads(RunDir(folds[0]).config_file.read_text(encoding="utf-8"))  # as stored, provenance included
     seconds = [train_seconds(f) for f in folds]
     return {"run": run, "folds": len(folds), "fold_names": [f.name for f in folds], "config": config, "sides": sides,
             "train_seconds": seconds}

@@ -47,8 +47,10 @@ SIDES = ("val", "test")
 
 
 def fold_dirs(run: Path) -> list[Path]:
-    folds = sorted((run / "folds").glob("[0-9]*"), key=lambda p: int(p.name))
-    return folds or [run]
+    """A CV run's fold directories (folds/<i>/) in order, or the run itself."""
+    from oncolite.train.rundir import RunDir
+
+    return [fold.path for fold in RunDir(run).folds()] or [run]
 
 
 def study_fold(fold_dir: Path, recipes: list[str], out: Path, say) -> None:
@@ -61,7 +63,7 @@ def study_fold(fold_dir: Path, recipes: list[str], out: Path, say) -> None:
     run = open_run(fold_dir)
     sides = run.sides()
     out.mkdir(parents=True, exist_ok=True)
-    model = load_float_model(run.models / "float.keras")
+    model = load_float_model(run.dir.float_model)
     data = {side: load_arrays(sides[side], run.labels, run.prep, quiet=True) for side in SIDES}
     float_path = out / "float.npz"
     if not float_path.exists():
@@ -152,7 +154,7 @@ def weight_ablation(fold_dir: Path, out: Path, say) -> None:
     t0 = time.monotonic()
     run = open_run(fold_dir)
     x, picks = at_risk_images(run, out)
-    model = load_float_model(run.models / "float.keras")
+    model = load_float_model(run.dir.float_model)
     pairs = weight_layers(model)
     original, rounded = {}, {}
     for layer, bn in pairs:
@@ -255,7 +257,7 @@ def activation_ablation(fold_dir: Path, out: Path, say) -> None:
     t0 = time.monotonic()
     run = open_run(fold_dir)
     x, picks = at_risk_images(run, out)
-    weights = load_float_model(run.models / "float.keras")
+    weights = load_float_model(run.dir.float_model)
     if (out / "gptq_bias.weights.h5").exists():
         weights.load_weights(out / "gptq_bias.weights.h5")
     else:  # a study made before the weights were kept: the same deterministic reconstruction

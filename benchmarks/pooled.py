@@ -18,10 +18,10 @@ import numpy as np
 
 from edge_runtime.decision import decisions, margins, uncertain
 from oncolite.train import metrics
+from oncolite.train.rundir import PREDICTIONS  # in each run's benchmark/ folder (RunDir.benchmark_predictions)
 
 FLOAT = "keras_float"
 CONFIDENT = 0.2  # a flip of an image whose float decision margin is at least this is a "confident flip"
-PREDICTIONS = "predictions.json"  # in each run's benchmark/ folder
 
 
 def fold_predictions(labels: list[str], items: list[dict], y, probs: dict, rules: dict, bands: dict) -> dict:

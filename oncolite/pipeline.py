@@ -23,6 +23,7 @@ from edge_runtime.atomic import write_json, write_text
 from edge_runtime.console import add_output_flags, old_spelling, print_json, result, say
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from edge_runtime.resources import WORKSPACE, shown
+from oncolite.train.rundir import RunDir
 
 DEFAULT_DATA = WORKSPACE / "data" / "busi"
 STAGES = ("audit", "split", "train", "evaluate", "quantize", "export", "benchmark", "report")
@@ -36,8 +37,6 @@ SUMMARY_VARIANTS = ("keras_float", "tflite_fp32", "tflite_fp16", "tflite_dynamic
 # What `--publish NAME` ships in models/NAME: the int8 model export chose, its uint8-I/O twin
 # (MediaPipe Tasks, the browser), and the fp32 reference.
 PUBLISHED_VARIANTS = ("int8", "int8_uint8", "fp32")
-# What a run directory holds from its first stage on (`run RUN_DIR` is never taken for old-style DATA).
-RUN_MARKS = ("stages.json", "audit", "manifest.json", "config.json")
 
 
 def add_arguments(parser) -> None:
@@ -86,7 +85,7 @@ def main(args) -> int:
     if args.publish and args.until != STAGES[-1]:
         raise OncoliteError(f"--publish needs the whole run; drop --until {args.until} (or --publish)")
     run.mkdir(parents=True, exist_ok=True)
-    fold_dirs = [run] if folds == 1 else [run / "folds" / str(i) for i in range(folds)]
+    fold_dirs = [run] if folds == 1 else [RunDir(run).fold(i).path for i in range(folds)]
     state = _load_state(run)
     settings = {"data": str(data.resolve()), "profile": profile, "dataset": dataset, "folds": folds,
                 "seed": args.seed, "random": bool(args.random), "set": sorted(args.set)}
@@ -100,8 +99,8 @@ def main(args) -> int:
             forget(fold_dir, redo)
 
     quiet = ["--quiet"] if args.quiet or args.json else []
-    manifest = run / "manifest.json"
-    plan = [("audit", ["audit", str(data), "--out", str(run / "audit")]),
+    manifest = RunDir(run).manifest_copy
+    plan = [("audit", ["audit", str(data), "--out", str(RunDir(run).audit_dir)]),
             ("split", ["split", str(data), "--out", str(manifest), "--folds", str(folds),
                        "--seed", str(args.seed), *(["--random"] if args.random else [])])]
     # Stage by stage across the folds: every float model is trained (the expensive, settled part)
@@ -110,8 +109,8 @@ def main(args) -> int:
     for i in only:
         fold_dir = fold_dirs[i]
         prefix = "" if folds == 1 else f"fold{i}/"
-        resume = ["--resume"] if (fold_dir / "train" / "state").exists() else []
-        qat_resume = ["--resume"] if (fold_dir / "models" / "qat_state" / "state.json").exists() else []
+        resume = ["--resume"] if RunDir(fold_dir).train_state.exists() else []
+        qat_resume = ["--resume"] if RunDir(fold_dir).qat_state_file.exists() else []
         per_fold["train"].append((f"{prefix}train", ["train", str(fold_dir), "--manifest", str(manifest),
                                                      "--profile", profile, *(["--dataset", dataset] if dataset else []),
                                                      *(["--fold", str(i)] if folds > 1 else []), *resume,
@@ -159,14 +158,14 @@ def main(args) -> int:
     if len(only) < folds:
         summary["only_folds"] = only
     summary["seconds"] = round(time.monotonic() - started, 1)
-    write_json(run / "report.json", summary)
-    write_text(run / "report.md", summary_markdown(summary, command=args.command_line))
+    write_json(RunDir(run).report, summary)
+    write_text(RunDir(run).report_md, summary_markdown(summary, command=args.command_line))
     if args.publish:
         publish(run, ran[0], args.publish)
     if args.json:
         print_json(summary)
     say(args, summary_markdown(summary))
-    result(args, f"report: {run / 'report.md'}: {headline(summary)}")
+    result(args, f"report: {RunDir(run).report_md}: {headline(summary)}")
     for warning in summary["warnings"]:
         print(f"oncolite run: warning: {warning}", file=sys.stderr)
     return EXIT_OK
@@ -204,7 +203,13 @@ def given_run_and_data(args) -> tuple[str | None, Path]:
 def _is_dataset(path: Path) -> bool:
     if path.is_file():
         return True
-    return path.is_dir() and any(path.iterdir()) and not any((path / name).exists() for name in RUN_MARKS)
+    return path.is_dir() and any(path.iterdir()) and not any(mark.exists() for mark in run_marks(path))
+
+
+def run_marks(path: Path) -> tuple[Path, ...]:
+    """What a run directory holds from its first stage on (`run RUN_DIR` is never taken for old-style DATA)."""
+    run = RunDir(path)
+    return run.stages_file, run.audit_dir, run.manifest_copy, run.config_file
 
 
 # The first stage each setting feeds: a change there means redoing from that stage on.
@@ -235,11 +240,12 @@ def forget(fold_dir: Path, stages) -> None:
         from oncolite.train.train import forget_training
 
         forget_training(fold_dir)
+    run = RunDir(fold_dir)
     if "quantize" in stages:
-        shutil.rmtree(fold_dir / "models" / "qat_state", ignore_errors=True)
+        shutil.rmtree(run.qat_state, ignore_errors=True)
     if "export" in stages:
-        for sidecar in (fold_dir / "models").glob("*.json"):
-            if (fold_dir / "models" / f"{sidecar.stem}.tflite").exists():
+        for sidecar in run.models.glob("*.json"):
+            if run.variant(sidecar.stem).exists():
                 sidecar.unlink()
 
 
@@ -247,7 +253,7 @@ def int8_warnings(fold_dirs: list[Path]) -> list[str]:
     """In plain words: every fold whose shipped int8 model still loses more than the export gate."""
     warnings = []
     for fold_dir in fold_dirs:
-        path = fold_dir / "models" / "export_report.json"
+        path = RunDir(fold_dir).export_report
         report = json.loads(path.read_text()) if path.is_file() else {}
         chosen = (report.get("int8") or {})
         if chosen.get("over_gate"):
@@ -264,7 +270,7 @@ def summarize(run: Path, fold_dirs: list[Path]) -> dict:
 
     from oncolite.benchmarks.pooled import load_folds, pool
 
-    per_fold = [json.loads((d / "benchmark" / "report.json").read_text()) for d in fold_dirs]
+    per_fold = [json.loads(RunDir(d).benchmark_report.read_text()) for d in fold_dirs]
     keys = ("accuracy", "mcc", "roc_auc_macro", "f1_macro", "agreement_with_float")
     variants = {}
     for name in SUMMARY_VARIANTS:
@@ -278,7 +284,7 @@ def summarize(run: Path, fold_dirs: list[Path]) -> dict:
         entry["latency_ms"] = first.get("latency_ms")
         entry["ci_fold0"] = first.get("ci")
         variants[name] = entry
-    pooled = pool(load_folds([d / "benchmark" for d in fold_dirs]))
+    pooled = pool(load_folds([RunDir(d).benchmark_dir for d in fold_dirs]))
     return {"variants": variants, "pooled": pooled, "split": per_fold[0].get("split"), "folds": len(fold_dirs),
             "run": str(run), "stages": {k: {**v, "argv": [shown(a) for a in v.get("argv", [])]}
                                         for k, v in _load_state(run).items() if k != "settings"}}
@@ -326,24 +332,26 @@ def summary_markdown(summary: dict, command: str | None = None) -> str:
 def publish(run: Path, fold_dir: Path, name: str) -> None:
     """Ship the fold-0 models and every report inside the repo (models/NAME, reports/NAME)."""
     models, reports = WORKSPACE / "models" / name, WORKSPACE / "reports" / name
+    fold, whole = RunDir(fold_dir), RunDir(run)
     for variant in PUBLISHED_VARIANTS:
-        for suffix in (".tflite", ".json"):
-            _copy(fold_dir / "models" / f"{variant}{suffix}", models / f"{variant}{suffix}")
-    _copy(fold_dir / "benchmark" / "report.json", reports / "benchmark.json")
-    _copy(fold_dir / "benchmark" / "report.md", reports / "benchmark.md")
-    for png in (fold_dir / "benchmark").glob("*.png"):
+        for path in (fold.variant(variant), fold.sidecar(variant)):
+            _copy(path, models / path.name)
+    _copy(fold.benchmark_report, reports / "benchmark.json")
+    _copy(fold.benchmark_report_md, reports / "benchmark.md")
+    for png in fold.benchmark_dir.glob("*.png"):
         _copy(png, reports / "benchmark" / png.name)
-    for subdir in ("eval", "train"):  # evaluation report and plots; training history and curves
-        for f in (fold_dir / subdir).rglob("*"):
-            if f.suffix in (".png", ".md", ".json", ".csv") and not {"state", "tune"} & set(f.parts):
-                _copy(f, reports / subdir / f.relative_to(fold_dir / subdir))
-    for f in ("export_report.md", "export_report.json", "qat_report.json"):
-        _copy(fold_dir / "models" / f, reports / "export" / f)
-    for f in (run / "audit").glob("*"):
+    # Evaluation reports and plots; training history and curves (not the resume points, not the tuner's trials).
+    for subdir, folder in (("eval", fold.eval_root), ("train", fold.train_dir)):
+        for f in folder.rglob("*"):
+            if f.suffix in (".png", ".md", ".json", ".csv") and not {fold.train_state, fold.tune_dir} & {*f.parents}:
+                _copy(f, reports / subdir / f.relative_to(folder))
+    for path in (fold.export_report_md, fold.export_report, fold.qat_report):
+        _copy(path, reports / "export" / path.name)
+    for f in whole.audit_dir.glob("*"):
         _copy(f, reports / "audit" / f.name)
-    _copy(run / "manifest.json", reports / "manifest.json")
-    _copy(run / "report.json", reports / "run.json")
-    _copy(run / "report.md", reports / "run.md")
+    _copy(whole.manifest_copy, reports / "manifest.json")
+    _copy(whole.report, reports / "run.json")
+    _copy(whole.report_md, reports / "run.md")
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -367,12 +375,12 @@ def _dataset_name(data: Path) -> str | None:
 
 
 def _load_state(run: Path) -> dict:
-    path = run / "stages.json"
+    path = RunDir(run).stages_file
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _save_state(run: Path, state: dict) -> None:
-    write_json(run / "stages.json", state)
+    write_json(RunDir(run).stages_file, state)
 
 
 def _say(args, line: str) -> None:

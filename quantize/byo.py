@@ -29,6 +29,7 @@ from edge_runtime.atomic import atomic_path, write_json
 from edge_runtime.errors import ModelError, OncoliteError
 from edge_runtime.hashing import bytes_sha256, file_sha256
 from edge_runtime.preprocess import Preprocessing
+from oncolite.train.rundir import RunDir
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 # Layers whose kernels decide where the model's own arithmetic starts: a Rescaling or
@@ -313,7 +314,8 @@ def import_model(model_path, out: Path, size=None, mean=None, std=None, resample
              "preprocessing": prep.to_dict(), "preprocessing_from": origin, "changes": notes,
              "input_shape": list(prepared.input_shape), "classes": int(prepared.output_shape[-1])}
     out.mkdir(parents=True, exist_ok=True)
-    record, keras_path = out / "byo.json", out / "float.keras"
+    # OUT is laid out like a run's models folder (quantize.rundir.ModelRun).
+    record, keras_path = out / "byo.json", RunDir(out, models=out).float_model
     try:
         before = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
     except json.JSONDecodeError:

@@ -89,13 +89,13 @@ def selective_quantize(float_model, representative, denylisted_nodes: list[str])
 def gate_report(run: Run, results: dict, gate: float = 0.01, representative=None, quiet: bool = True) -> dict:
     """Each exported variant against the float model on validation; the debugger for int8 variants over the gate."""
     x_val, y_val = load_arrays(run.sides()["val"], run.labels, run.prep, quiet=quiet, desc="validation images")
-    float_model = load_float_model(run.models / "float.keras")
+    float_model = load_float_model(run.dir.float_model)
     float_probs = float_model.predict(x_val, batch_size=32, verbose=0)
     reference = compare(float_probs, float_probs, y_val)
     fp32_size = results.get("fp32", {}).get("sidecar", {}).get("size_bytes")
     variants, warnings, over_gate = {}, [], []
     for name, result in results.items():
-        probs = EdgeModel.load(run.models / f"{name}.tflite").predict(x_val)
+        probs = EdgeModel.load(run.dir.variant(name)).predict(x_val)
         side = result["sidecar"]
         row = {**compare(probs, float_probs, y_val), "size_bytes": side["size_bytes"],
                "size_vs_fp32": side["size_bytes"] / fp32_size if fp32_size else None,
@@ -174,5 +174,5 @@ def report_markdown(report: dict) -> str:
 
 
 def write_report(run: Run, report: dict) -> None:
-    write_json(run.models / "export_report.json", report)
-    write_text(run.models / "export_report.md", report_markdown(report))
+    write_json(run.dir.export_report, report)
+    write_text(run.dir.export_report_md, report_markdown(report))

@@ -43,17 +43,17 @@ from edge_runtime.decision import margin_errors
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from edge_runtime.hashing import bytes_sha256, file_sha256
 from edge_runtime.metadata import write_metadata
-from edge_runtime.model import sidecar_path
 from edge_runtime.preprocess import dequantize, normalize, preprocess, quantize
 from edge_runtime.variants import INT8_CANDIDATES, SELECTABLE, VARIANTS, io_type
 from . import checks
 from .rundir import Run, open_run
 from oncolite.train.config import add_set_argument, with_overrides
+from oncolite.train.rundir import FLOAT_MODEL, QAT_MODEL, RunDir
 
 SELECTIVE_VARIANT = "int8_ptq_selective"
 IO_CHOICES = ("int8", "uint8", "float")
 SIDECAR_FORMAT = "oncolite-model/1"
-SOURCES = {"float": "float.keras", "qat": "qat.keras"}
+SOURCES = {"float": FLOAT_MODEL, "qat": QAT_MODEL}  # file names in the models folder
 
 
 def add_arguments(parser) -> None:
@@ -199,10 +199,10 @@ def sidecar_facts(run: Run, variant: str, model_bytes: bytes, source: dict, opti
             "converter": {"tensorflow": tf.__version__}}
 
 
-def already_exported(models: Path, variant: str, source: dict, options: dict, threshold) -> dict | None:
+def already_exported(layout: RunDir, variant: str, source: dict, options: dict, threshold) -> dict | None:
     """The sidecar of a finished export of this variant from the same source, options and
     operating point (a threshold chosen after the export must reach the model), else None."""
-    tflite, sidecar = models / f"{variant}.tflite", models / f"{variant}.json"
+    tflite, sidecar = layout.variant(variant), layout.sidecar(variant)
     if not (tflite.exists() and sidecar.exists()):
         return None
     try:
@@ -227,10 +227,10 @@ def write_export(run: Run, variant: str, model_bytes: bytes, facts: dict) -> dic
     described = write_metadata(model_bytes, name=f"oncolite {variant}", description=facts["description"],
                                labels=run.labels, prep=run.prep, extra=facts)
     sidecar = {**facts, "sha256": bytes_sha256(described), "size_bytes": len(described)}
-    path = run.models / f"{variant}.tflite"
-    sidecar_path(path).unlink(missing_ok=True)
+    path = run.dir.variant(variant)
+    run.dir.sidecar(variant).unlink(missing_ok=True)
     write_bytes(path, described)
-    write_json(sidecar_path(path), sidecar)
+    write_json(run.dir.sidecar(variant), sidecar)
     return sidecar
 
 
@@ -282,7 +282,7 @@ def export_variants(run: Run, variants: list[str], chosen: list[dict], io: str, 
     {variant: {status, sidecar, ops, float_ops}} (and "selection" for `int8`)."""
     from oncolite.train.model import load_float_model
 
-    float_model = load_float_model(run.models / "float.keras")
+    float_model = load_float_model(run.dir.float_model)
     calibration = {"side": "train", "count": len(chosen), "seed": int(run.config["seed"]),
                    "paths": [manifest_relative(item["path"], run.manifest.root) for item in chosen]}
     representative = representative_dataset(chosen, run.prep, quiet=quiet)
@@ -308,9 +308,9 @@ def export_variants(run: Run, variants: list[str], chosen: list[dict], io: str, 
 def export_one(run: Run, variant: str, source: dict, options: dict, make, calibration: dict, validation) -> dict:
     """One variant: up to date, or converted by `make()`, checked, banded and written."""
     spec = VARIANTS[variant]
-    done = already_exported(run.models, variant, source, options, run.threshold())
+    done = already_exported(run.dir, variant, source, options, run.threshold())
     if done is not None:
-        ops = _ops(run, variant, (run.models / f"{variant}.tflite").read_bytes(), spec.integer, options)
+        ops = _ops(run, variant, run.dir.variant(variant).read_bytes(), spec.integer, options)
         return {"status": "up to date", "sidecar": done, **ops}
     if source["sha256"] is None:
         raise OncoliteError(f"{run.path / source['model']}: missing; run `oncolite quantize {run.path}` "
@@ -340,31 +340,31 @@ def ship_int8(run: Run, variants: list[str], float_model, chosen: list[dict], re
     uint8 I/O and a batch of 1."""
     fidelity = {}
     for name in INT8_CANDIDATES:
-        path = run.models / f"{name}.tflite"
-        if path.is_file() and sidecar_path(path).is_file():
+        path = run.dir.variant(name)
+        if path.is_file() and run.dir.sidecar(name).is_file():
             fidelity[name] = validation.fidelity(path.read_bytes())
     best = choose_int8(fidelity)
     if best is None:
         raise OncoliteError(f"{run.models}: no int8 candidate to choose `int8` from; export one of "
                             f"{', '.join(INT8_CANDIDATES)} first (--variants)")
-    best_path = run.models / f"{best}.tflite"
-    best_facts = json.loads(sidecar_path(best_path).read_text(encoding="utf-8"))
+    best_path = run.dir.variant(best)
+    best_facts = json.loads(run.dir.sidecar(best).read_text(encoding="utf-8"))
     selection = {"from": best, "rule": "highest validation agreement with float, then smallest mean |Δp|",
                  "candidates": fidelity}
     source = {"model": f"models/{best}.tflite", "sha256": file_sha256(best_path)}
     results = {}
     if "int8" in variants:
         options = {**best_facts["options"], "chosen_from": best}
-        done = already_exported(run.models, "int8", source, options, run.threshold())
+        done = already_exported(run.dir, "int8", source, options, run.threshold())
         status = "up to date"
         if done is None:
             done = {**best_facts, "variant": "int8", "description": VARIANTS["int8"].description, "source": source,
                     "options": options, "selection": selection}
-            path = run.models / "int8.tflite"
-            sidecar_path(path).unlink(missing_ok=True)
+            path = run.dir.variant("int8")
+            run.dir.sidecar("int8").unlink(missing_ok=True)
             with atomic_path(path) as tmp:
                 shutil.copyfile(best_path, tmp)
-            write_json(sidecar_path(path), done)
+            write_json(run.dir.sidecar("int8"), done)
             status = "exported"
         results["int8"] = {"status": status, "sidecar": done, "selection": selection,
                            **_ops(run, "int8", best_path.read_bytes(), True, options)}
@@ -386,7 +386,7 @@ def load_source(run: Run, source: str, float_model):
     if source == "qat":
         from .qat import load_qat_model
 
-        return load_qat_model(run.models / "qat.keras", float_model, freeze_bn=run.config["qat"]["freeze_bn"])
+        return load_qat_model(run.dir.qat_model, float_model, freeze_bn=run.config["qat"]["freeze_bn"])
     return float_model
 
 
@@ -436,7 +436,7 @@ def convert(variant: str, model, float_model, chosen: list[dict], prep, represen
 def _ops(run: Run, variant: str, model_bytes: bytes, integer: bool, options: dict) -> dict:
     """The op table and the float ops of a variant; raises FloatOpError for an int8 variant with
     float ops that the options do not allow."""
-    float_found = checks.check_integer_only(model_bytes, str(run.models / f"{variant}.tflite"),
+    float_found = checks.check_integer_only(model_bytes, str(run.dir.variant(variant)),
                                             float_io=options["io"] == "float",
                                             allow_float_ops=options["allow_float_ops"]) if integer else []
     return {"ops": checks.op_summary(checks.list_ops(model_bytes)),
@@ -449,11 +449,11 @@ def on_disk(run: Run, exclude) -> dict:
     so the report never compares models of two trainings without saying so."""
     found = {}
     for name, spec in VARIANTS.items():
-        path = run.models / f"{name}.tflite"
-        if name in exclude or not (path.is_file() and sidecar_path(path).is_file()):
+        path = run.dir.variant(name)
+        if name in exclude or not (path.is_file() and run.dir.sidecar(name).is_file()):
             continue
         try:
-            facts = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+            facts = json.loads(run.dir.sidecar(name).read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             continue
         if facts.get("sha256") != file_sha256(path):
@@ -471,7 +471,7 @@ def on_disk(run: Run, exclude) -> dict:
 def record_gate(run: Run, report: dict) -> None:
     """The shipped model's validation loss against the gate goes into its sidecar, so the edge
     runtime can warn whoever loads a model that lost more than the gate allowed."""
-    path = sidecar_path(run.models / "int8.tflite")
+    path = run.dir.sidecar("int8")
     facts = json.loads(path.read_text(encoding="utf-8"))
     shipped = report["int8"]
     facts["gate"] = {"accuracy_loss": shipped["accuracy_loss"], "gate": report["gate"], "passed": not shipped["over_gate"],
@@ -483,7 +483,7 @@ def check_tensor_names(run: Run, names: list[str]) -> None:
     """--selective names must be tensors of the quantized model; a typo would be ignored silently."""
     import difflib
 
-    reference = run.models / "int8_ptq.tflite"
+    reference = run.dir.variant("int8_ptq")
     if not reference.is_file():
         raise OncoliteError(f"{reference}: missing; --selective names tensors of int8_ptq, export it first "
                             f"(oncolite export {run.path} --variants int8_ptq)")
@@ -557,7 +557,7 @@ def main(args) -> int:
         check_tensor_names(run, selective)
     chosen = calibration_items(run.sides()["train"], count, int(run.config["seed"]))
     # RUN_DIR/logs/export.log as train writes train.log; the file only, the lines reach stdout below.
-    log = Log(run.path / "logs" / "export.log", quiet=True)
+    log = Log(run.dir.log("export"), quiet=True)
     log(f"{args.command_line}: {', '.join(variants)} from {count} calibration images, integer I/O {io}")
     results = export_variants(run, variants, chosen, io, args.allow_float_ops, selective, quiet=quiet)
     results.update(on_disk(run, exclude=results))  # the report describes every model in the run
@@ -576,7 +576,7 @@ def main(args) -> int:
     shipped = report.get("int8")
     headline = (f": int8 = {shipped['from']} ({shipped['rule']}), agreement with float "
                 f"{report['variants']['int8']['agreement']:.1%} on validation" if shipped else "")
-    done = f"report: {run.models / 'export_report.md'}{headline}"
+    done = f"report: {run.dir.export_report_md}{headline}"
     for line in [*lines, done]:
         log(line)
     if args.json:

@@ -25,6 +25,7 @@ import functools
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,8 +37,12 @@ from .rundir import Run, open_run
 from oncolite.train.checkpoints import save_resume_point
 from oncolite.train.config import add_set_argument, with_overrides
 from oncolite.train.metrics import agreement
+from oncolite.train.rundir import RESUME_POINT
 
-STATE_DIR = "qat_state"  # under RUN_DIR/models/
+if TYPE_CHECKING:
+    import tensorflow as tf
+    import tf_keras as keras
+
 # The QAT model's structure and starting point; a checkpoint of another recipe cannot resume.
 RECIPE = "folded-bn+gptq-start"
 # TensorFlow, tf-keras and tfmot are imported inside the functions that use them: `oncolite
@@ -300,9 +305,9 @@ def run_qat(run: Run, settings: dict, resume: bool = False, quiet: bool = True) 
     from oncolite.train.data import image_errors, load_arrays, make_dataset
     from oncolite.train.model import flatten, load_float_model
 
-    float_path = run.models / "float.keras"
-    state_dir = run.models / STATE_DIR
-    state_path = state_dir / "state.json"
+    float_path = run.dir.float_model
+    state_dir = run.dir.qat_state
+    state_path = run.dir.qat_state_file
     source_sha = file_sha256(float_path)
     state = _read_state(state_path, source_sha, settings) if resume else None
     tf.keras.utils.set_random_seed(int(run.config["seed"]))
@@ -354,13 +359,13 @@ def run_qat(run: Run, settings: dict, resume: bool = False, quiet: bool = True) 
         _save(checkpoint, best_checkpoint, state_dir, state, improved)
 
     best_checkpoint.read(str(state_dir / state["best_checkpoint"])).assert_existing_objects_matched()
-    with atomic_path(run.models / "qat.keras") as tmp:
+    with atomic_path(run.dir.qat_model) as tmp:
         student.save(tmp)
-    summary = {"qat_model": str(run.models / "qat.keras"), "source_sha256": source_sha,
+    summary = {"qat_model": str(run.dir.qat_model), "source_sha256": source_sha,
                "best_epoch": state["best_epoch"], "validation": state["best"], "epochs_run": state["epoch"],
                "stopped_early": state["bad_epochs"] >= settings["patience"], "settings": settings,
                "settle_steps": state["settle_steps"], "resumed_after_epoch": resumed_after, "history": state["history"]}
-    write_json(run.models / "qat_report.json", summary)
+    write_json(run.dir.qat_report, summary)
     return summary
 
 
@@ -373,7 +378,7 @@ def _save(checkpoint, best_checkpoint, state_dir: Path, state: dict, improved: b
     if improved:
         state["best_checkpoint"] = f"best-{state['epoch']}"
         best_checkpoint.write(str(state_dir / state["best_checkpoint"]))
-    save_resume_point(state_dir / "state.json", state, keep={state["checkpoint"], state["best_checkpoint"]})
+    save_resume_point(state_dir / RESUME_POINT, state, keep={state["checkpoint"], state["best_checkpoint"]})
 
 
 def _read_state(path: Path, source_sha: str, settings: dict) -> dict:

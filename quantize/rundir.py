@@ -1,5 +1,6 @@
 """What the quantize and export commands read from a run directory: its config, its manifest,
 the input contract and the operating point (the float model: train.model.load_float_model).
+The paths themselves are oncolite.train.rundir.RunDir's (`run.dir`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from edge_runtime.errors import OncoliteError
 from edge_runtime.preprocess import Preprocessing
 from oncolite.train.config import preprocessing
 from oncolite.train.manifest import load_manifest
-from oncolite.train.train import read_run_config
+from oncolite.train.rundir import RunDir
 
 
 @dataclass
@@ -24,8 +25,13 @@ class Run:
     fold: int | None = None  # the manifest fold this run trained on (None: its `split`)
 
     @property
+    def dir(self) -> RunDir:
+        """The run directory's paths (float_model, variant(name), export_report, ...)."""
+        return RunDir(self.path)
+
+    @property
     def models(self) -> Path:
-        return self.path / "models"
+        return self.dir.models
 
     @property
     def labels(self) -> list[str]:
@@ -36,7 +42,7 @@ class Run:
 
     def threshold(self):
         """The binary operating point chosen on validation ({"positive", "value"}), or None."""
-        path = self.path / "threshold.json"
+        path = self.dir.threshold_file
         if not path.exists():
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -45,14 +51,14 @@ class Run:
 
 def open_run(run_dir: str | Path) -> Run:
     """The run directory's resolved config and verified manifest; refuses a run without them."""
-    path = Path(run_dir)
-    for name in ("config.json", "manifest.json"):
-        if not (path / name).exists():
-            raise OncoliteError(f"{path / name}: missing; train a float model into this run directory first "
+    layout = RunDir(run_dir)
+    for path in (layout.config_file, layout.manifest_copy):
+        if not path.exists():
+            raise OncoliteError(f"{path}: missing; train a float model into this run directory first "
                                 "(oncolite train RUN_DIR --manifest M)")
-    config, provenance = read_run_config(path)
-    return Run(path=path, config=config, manifest=load_manifest(path / "manifest.json"), prep=preprocessing(config),
-               fold=provenance.get("fold"))
+    config = layout.config()
+    return Run(path=layout.path, config=config, manifest=load_manifest(layout.manifest_copy), prep=preprocessing(config),
+               fold=layout.provenance().get("fold"))
 
 
 @dataclass
@@ -66,8 +72,8 @@ class ModelRun(Run):
     source: dict | None = None  # quantize.byo.import_model's facts: the model given, what was changed
 
     @property
-    def models(self) -> Path:
-        return self.path
+    def dir(self) -> RunDir:
+        return RunDir(self.path, models=self.path)
 
     @property
     def labels(self) -> list[str]:

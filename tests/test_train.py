@@ -466,3 +466,19 @@ def test_with_ema_the_saved_model_is_the_average_not_the_last_step(tmp_path):
     np.testing.assert_allclose(kernel, seen["average"][best], rtol=1e-5, atol=1e-7)
     assert not np.allclose(seen["average"][best], seen["trained"][best], rtol=1e-3, atol=1e-5)
     assert any(name.startswith("ema/average") for name in seen["resume_names"])
+
+
+def test_training_subset_takes_whole_groups_of_every_class_about_the_fraction():
+    from oncolite.train.train import training_subset
+
+    items = [{"label": label, "group": f"{label}-{g}", "path": f"{label}-{g}-{k}"}
+             for label, n_groups in (("a", 40), ("b", 10)) for g in range(n_groups) for k in range(1 + g % 3)]
+    half = training_subset(items, 0.5, seed=0)
+    for label in ("a", "b"):
+        total = sum(1 for it in items if it["label"] == label)
+        kept = sum(1 for it in half if it["label"] == label)
+        assert 0.5 * total <= kept < 0.5 * total + 3  # the last group taken may overshoot by its size
+    kept_groups = {it["group"] for it in half}
+    assert all(it in half for it in items if it["group"] in kept_groups)  # no group is split
+    assert training_subset(items, 0.5, seed=0) == half and training_subset(items, 0.5, seed=1) != half
+    assert training_subset(items, 1.0, seed=0) is items

@@ -264,6 +264,7 @@ RULES = {
     "weight_decay": _number(0, 1),
     "label_smoothing": _number(0, 1),
     "ema": _number(0, 1),
+    "train_fraction": _number(0, 1, low_open=True, high_open=False),
     "class_weights": _BOOL,
     "oversample": _BOOL,
     "augment.rotation": _number(0, 180, high_open=False, unit=" (degrees)"),
@@ -328,6 +329,8 @@ DOCS = {
     "lr_schedule": "learning rate over a phase: constant, cosine decay, or halved on a plateau",
     "weight_decay": "decoupled weight decay (AdamW) per step, relative to the learning rate; 0: plain Adam",
     "label_smoothing": "share of each one-hot target spread evenly over the classes (0: none)",
+    "train_fraction": "share of the training side that trains (whole duplicate groups, per class, fixed by `seed`): "
+                      "below 1 for a learning curve",
     "ema": "decay of an exponential moving average of the weights, updated every step; validation, the best "
            "checkpoint and the saved model use the average (0: off; 0.99 averages over ~100 steps)",
     "class_weights": "weight the loss by inverse class frequency",

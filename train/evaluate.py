@@ -23,6 +23,7 @@ from edge_runtime.hashing import file_sha256
 from edge_runtime.preprocess import Preprocessing, open_image
 from . import metrics
 from .plots import draw_confusion, pyplot, save_png
+from .rundir import THRESHOLD, RunDir
 
 FORMAT = "oncolite-eval/1"
 CONTACT_SHEET_SIZE = 16  # the most confident mistakes shown as thumbnails
@@ -72,11 +73,10 @@ def load_keras(path):
 def keras_preprocessing(model, run_dir=None) -> Preprocessing:
     """The run's preprocessing (its config.json) when there is a run, else the model's input size
     with the default normalization and resampling."""
-    config_path = Path(run_dir) / "config.json" if run_dir else None
-    if config_path and config_path.is_file():
-        from .config import preprocessing, stored_config
+    if run_dir and RunDir(run_dir).config_file.is_file():
+        from .config import preprocessing
 
-        return preprocessing(stored_config(config_path))
+        return preprocessing(RunDir(run_dir).config())
     _, height, width, _ = model.input_shape
     return Preprocessing(height=height, width=width)
 
@@ -110,14 +110,14 @@ def resolve_model(model_arg, fold=None):
     """MODEL argument -> (model file, run directory or None, default output folder)."""
     path = Path(model_arg)
     if path.is_dir():
-        run_dir = path / "folds" / str(fold) if fold is not None and (path / "folds" / str(fold)).is_dir() else path
-        model = run_dir / "models" / "float.keras"
-        if not model.is_file():
-            raise ModelError(f"{run_dir}: no models/float.keras in this run directory; train first or give a model file")
-        return model, run_dir, run_dir / "eval" / "float"
-    if path.parent.name == "models":  # a variant inside a run directory
-        return path, path.parent.parent, path.parent.parent / "eval" / path.stem
-    return path, None, path.parent / "eval" / path.stem
+        run = RunDir(path).fold(fold) if fold is not None and RunDir(path).fold(fold).path.is_dir() else RunDir(path)
+        if not run.float_model.is_file():
+            raise ModelError(f"{run.path}: no models/float.keras in this run directory; train first or give a model file")
+        return run.float_model, run.path, run.eval_dir("float")
+    run = RunDir(path.parent.parent)
+    if path.parent == run.models:  # a variant inside a run directory
+        return path, run.path, run.eval_dir(path.stem)
+    return path, None, path.parent / "eval" / path.stem  # a model elsewhere: its report beside it
 
 
 # --- the evaluation -----------------------------------------------------------------------------
@@ -131,15 +131,13 @@ def evaluate(model_arg, manifest_path=None, *, side: str = "test", fold=None, ou
     model_path, run_dir, default_out = resolve_model(model_arg, fold)
     out = Path(out) if out else default_out
     if manifest_path is None:
-        if run_dir is None or not (run_dir / "manifest.json").is_file():
+        if run_dir is None or not RunDir(run_dir).manifest_copy.is_file():
             raise OncoliteError(f"{model_arg}: no manifest; pass --manifest MANIFEST.json")
-        manifest_path = run_dir / "manifest.json"
+        manifest_path = RunDir(run_dir).manifest_copy
     manifest = load_manifest(manifest_path, quiet=quiet)
     labels = list(manifest.labels)
-    if fold is None and run_dir is not None and (run_dir / "config.json").exists():
-        from .train import read_run_config
-
-        fold = read_run_config(run_dir)[1].get("fold")  # a CV fold's run: its own test side
+    if fold is None and run_dir is not None and RunDir(run_dir).config_file.exists():
+        fold = RunDir(run_dir).provenance().get("fold")  # a CV fold's run: its own test side
     sides = manifest.sides(fold=fold)
     items = sides[side]
     if not items:
@@ -214,8 +212,8 @@ def operating_point(threshold, target_sensitivity, positive, labels, predictor, 
               "chosen_on": "val", "val": metrics.sensitivity_specificity(y_val, p_val[:, pos], value)}
         # The run's operating point belongs to its float model (export stores it with every
         # variant); a threshold chosen for any other model stays beside that model's report.
-        is_run_model = run_dir is not None and model_path == run_dir / "models" / "float.keras"
-        write_json((run_dir if is_run_model else out) / "threshold.json",
+        is_run_model = run_dir is not None and model_path == RunDir(run_dir).float_model
+        write_json(RunDir(run_dir).threshold_file if is_run_model else out / THRESHOLD,
                    {k: op[k] for k in ("positive", "value", "target_sensitivity", "chosen_on")})
         return op
     if threshold == "none" or not binary:
@@ -223,7 +221,7 @@ def operating_point(threshold, target_sensitivity, positive, labels, predictor, 
     if threshold != "auto":
         pos = metrics.positive_index(labels, positive)
         return {"positive": labels[pos], "value": float(threshold), "chosen_on": "user"}
-    saved = run_dir / "threshold.json" if run_dir else None
+    saved = RunDir(run_dir).threshold_file if run_dir else None
     if predictor.threshold:
         return {**predictor.threshold, "chosen_on": "model"}
     if saved and saved.is_file():
@@ -263,7 +261,7 @@ def write_report(report, items, y, pred, probs, out: Path, run_dir) -> list[str]
     files += plot_curves(y, probs, labels, out)
     if report["errors"]:
         files.append(contact_sheet(report["errors"][:CONTACT_SHEET_SIZE], out / "errors.png"))
-    history = Path(run_dir) / "train" / "history.csv" if run_dir else None
+    history = RunDir(run_dir).history if run_dir else None
     if history and history.is_file():
         files.append(plot_history(history, out / "training_curves.png"))
     write_text(out / "predictions.csv", predictions_csv(items, labels, y, pred, probs))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,8 +20,12 @@ from PIL import Image
 from edge_runtime.console import add_output_flags, old_spelling, print_json, result
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from edge_runtime.preprocess import normalize, open_image, resize
-from .config import load_config, preprocessing
+from .config import preprocessing
 from .plots import pyplot, save_png
+from .rundir import RunDir
+
+if TYPE_CHECKING:
+    import tf_keras as keras
 
 DEFAULT_LAYER = "out_relu"  # MobileNetV2's last convolutional activation
 
@@ -46,10 +51,10 @@ def main(args) -> int:
         args.run_dir, args.image = args.old_run, args.run_dir
     if not args.image:
         raise OncoliteError("oncolite explain: which image? oncolite explain RUN_DIR IMAGE")
-    run = Path(args.run_dir)
-    config = load_config(path=run / "config.json")
-    model = load_float_model(run / "models" / "float.keras")
-    labels = run_labels(run)
+    run = RunDir(args.run_dir)
+    config = run.config()
+    model = load_float_model(run.float_model)
+    labels = run_labels(run.path)
     prep = preprocessing(config)
     pixels = resize(open_image(args.image), prep)
     probs = model.predict(normalize(pixels, prep)[None], verbose=0)[0]
@@ -57,7 +62,7 @@ def main(args) -> int:
         raise OncoliteError(f"--class {args.class_name!r}: not one of the run's labels {labels}")
     index = labels.index(args.class_name) if args.class_name else int(np.argmax(probs))
     heatmap = gradcam(model, normalize(pixels, prep), index, args.layer)
-    out = Path(args.out or run / "explain" / f"{Path(args.image).name}.gradcam.png")
+    out = Path(args.out or run.explain_dir / f"{Path(args.image).name}.gradcam.png")
     title = f"{labels[index]} p={probs[index]:.3f}  (Grad-CAM, layer {args.layer})"
     write_overlay(out, pixels, heatmap, title)
     if args.json:
@@ -68,7 +73,7 @@ def main(args) -> int:
 
 
 def run_labels(run: Path) -> list[str]:
-    path = run / "manifest.json"
+    path = RunDir(run).manifest_copy
     if not path.exists():
         raise OncoliteError(f"{path}: missing; {run} is not a training run directory")
     return list(json.loads(path.read_text(encoding="utf-8"))["labels"])

@@ -49,10 +49,11 @@ from edge_runtime.errors import EXIT_OK, ManifestError, OncoliteError
 from edge_runtime.resources import WORKSPACE
 from .checkpoints import save_resume_point
 from .config import (PROVENANCE_KEY, add_profile_argument, add_set_argument, available, default_profile, load_config,
-                     parse_overrides, preprocessing, read_config_file, same_settings, stored_config)
+                     parse_overrides, preprocessing, read_config_file, same_settings)
 from .manifest import load_manifest, verify_manifest, write_manifest
 from .plots import pyplot, save_png
 from .provenance import versions
+from .rundir import RESUME_POINT, RunDir
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -124,7 +125,7 @@ def main(args) -> int:
         # Tuned settings are the search's choice, unknown before it runs: nothing to compare them with.
         if not args.tune:
             refuse_other_run(run_dir, config, finished=True)
-        model = run_dir / "folds" / "<i>" / "models" / "float.keras" if folds else run_dir / "models" / "float.keras"
+        model = RunDir(run_dir).fold("<i>").float_model if folds else RunDir(run_dir).float_model
         if args.json:
             print_json({**json.loads(finished_mark(run_dir, folds).read_text(encoding="utf-8")), "finished_before": True})
         result(args, f"{run_dir}: training finished before; left as it is (model: {model}); to train again from "
@@ -132,7 +133,7 @@ def main(args) -> int:
         return EXIT_OK
     if args.resume:
         # The original manifest, or the run's own copy if the original has moved.
-        source = provenance["manifest"] if Path(provenance["manifest"]).exists() else run_dir / "manifest.json"
+        source = provenance["manifest"] if Path(provenance["manifest"]).exists() else RunDir(run_dir).manifest_copy
         manifest = load_manifest(source)
         check_manifest(manifest, provenance, run_dir)
     else:
@@ -178,10 +179,11 @@ def result_line(run_dir: Path, summary: dict) -> str:
     if isinstance(summary.get("folds"), list):
         mcc = summary.get("val", {}).get("mcc")
         figure = f"val MCC {mcc['mean']:.3f} ± {mcc['std']:.3f}" if mcc else "no validation side"
-        return f"{run_dir / 'cv.json'}: {figure} over {len(summary['folds'])} folds (models: {run_dir / 'folds'}/<i>/models/float.keras)"
+        return (f"{RunDir(run_dir).cv_summary}: {figure} over {len(summary['folds'])} folds "
+                f"(models: {RunDir(run_dir).fold('<i>').float_model})")
     best = summary["best"]
     val = f", val {summary['val']['n']} images" if summary.get("val") else ""
-    return (f"{run_dir / 'models' / 'float.keras'}: best {summary['monitor']} {best['value']:.3f} "
+    return (f"{RunDir(run_dir).float_model}: best {summary['monitor']} {best['value']:.3f} "
             f"({best['phase']} epoch {best['epoch']}{val})")
 
 
@@ -201,12 +203,10 @@ def summary_lines(summary: dict) -> list[str]:
 # ---------------------------------------------------------------- run directory
 
 def read_run_config(run_dir: Path) -> tuple[dict, dict]:
-    """The run's own config (as stored, today's defaults only filling keys it lacks) and provenance."""
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise OncoliteError(f"{path}: missing; {run_dir} is not a run directory of `oncolite train`")
-    provenance = json.loads(path.read_text(encoding="utf-8")).get(PROVENANCE_KEY, {})
-    return stored_config(path), provenance
+    """The run's own config (as stored, today's defaults only filling keys it lacks) and provenance:
+    RunDir.config() and RunDir.provenance()."""
+    run = RunDir(run_dir)
+    return run.config(), run.provenance()
 
 
 def check_manifest(manifest, provenance: dict, run_dir: Path) -> None:
@@ -228,17 +228,17 @@ def check_training_labels(manifest, fold: int | None) -> None:
 
 def start_run_dir(run_dir: Path, manifest, config: dict, provenance: dict) -> None:
     """config.json (settings + provenance), manifest.json, versions.json."""
-    config_path = run_dir / "config.json"
-    copy_sha256 = copy_manifest(manifest, run_dir / "manifest.json")
-    write_json(config_path, {**config, PROVENANCE_KEY: {**provenance, "manifest_copy_sha256": copy_sha256}})
-    write_json(run_dir / "versions.json", versions())
+    run = RunDir(run_dir)
+    copy_sha256 = copy_manifest(manifest, run.manifest_copy)
+    write_json(run.config_file, {**config, PROVENANCE_KEY: {**provenance, "manifest_copy_sha256": copy_sha256}})
+    write_json(run.versions_file, versions())
 
 
 def refuse_other_run(run_dir: Path, config: dict, finished: bool = False) -> None:
     """A run directory with training state (or, `finished`, a finished training) continues, or
     stays as it is, only with its own config."""
-    config_path = run_dir / "config.json"
-    if config_path.exists() and (finished or (run_dir / "train" / "state" / "state.json").exists()):
+    config_path = RunDir(run_dir).config_file
+    if config_path.exists() and (finished or RunDir(run_dir).train_state_file.exists()):
         # Only the keys both hold: a run started before defaults.json gained a key lacks it.
         if not same_settings(read_config_file(config_path), config):
             raise OncoliteError(f"{run_dir}: already holds a run with another config; continue it with "
@@ -249,17 +249,17 @@ def refuse_other_run(run_dir: Path, config: dict, finished: bool = False) -> Non
 def finished_mark(run_dir: Path, folds: int | None = None) -> Path:
     """The file a finished training writes last: train/summary.json, or cv.json once every fold of
     `--folds K` has finished. While it exists the training is not done again (see forget_training)."""
-    return run_dir / "cv.json" if folds else run_dir / "train" / "summary.json"
+    return RunDir(run_dir).cv_summary if folds else RunDir(run_dir).summary
 
 
 def forget_training(run_dir: Path, folds: int | None = None) -> None:
     """Training starts over in `run_dir`: its finished marks go first, so a kill midway never leaves
     an old mark over new state, then the resume points (the chief's and other workers')."""
     finished_mark(run_dir, folds).unlink(missing_ok=True)
-    for fold_dir in [run_dir / "folds" / str(i) for i in range(folds)] if folds else [run_dir]:
-        finished_mark(fold_dir).unlink(missing_ok=True)
-        shutil.rmtree(fold_dir / "train" / "state", ignore_errors=True)
-        shutil.rmtree(fold_dir / "workers", ignore_errors=True)
+    for fold_dir in [RunDir(run_dir).fold(i) for i in range(folds)] if folds else [RunDir(run_dir)]:
+        finished_mark(fold_dir.path).unlink(missing_ok=True)
+        shutil.rmtree(fold_dir.train_state, ignore_errors=True)
+        shutil.rmtree(fold_dir.workers_dir, ignore_errors=True)
 
 
 def copy_manifest(manifest, destination: Path) -> str:
@@ -360,9 +360,9 @@ class Trainer:
         self.mixed = use_mixed_precision(config)
         self.strategy = select_strategy(config)
         self.chief = is_chief(self.strategy)
-        task = getattr(getattr(self.strategy, "cluster_resolver", None), "task_id", 0) or 0
-        self.state_dir = run_dir / "train" / "state" if self.chief else run_dir / "workers" / str(task) / "state"
-        self.state_path = self.state_dir / "state.json"
+        self.task = getattr(getattr(self.strategy, "cluster_resolver", None), "task_id", 0) or 0
+        self.state_dir = RunDir(run_dir).train_state if self.chief else RunDir(run_dir).worker_state(self.task)
+        self.state_path = self.state_dir / RESUME_POINT
         if not sides["val"] or not sides["train"]:
             raise ManifestError("the manifest has no train or no val images on this split; early stopping and the "
                                 "best checkpoint need both: rebuild it with `oncolite split` (val_fraction > 0)")
@@ -596,12 +596,14 @@ class WeightAverage:
 
 
 def write_history(train_dir: Path, history: list[dict]) -> None:
+    """history.csv and curves.png in `train_dir`, the run's RunDir.train_dir."""
+    run = RunDir(train_dir.parent)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS)
     writer.writeheader()
     writer.writerows(history)
-    write_text(train_dir / "history.csv", buffer.getvalue())
-    plot_curves(train_dir / "curves.png", history)
+    write_text(run.history, buffer.getvalue())
+    plot_curves(run.curves, history)
 
 
 def plot_curves(path: Path, history: list[dict]) -> None:
@@ -621,6 +623,26 @@ def plot_curves(path: Path, history: list[dict]) -> None:
     ax_score.set_title("accuracy and MCC")
     fig.tight_layout()
     save_png(fig, path)
+
+
+def training_subset(items: list[dict], fraction: float, seed: int) -> list[dict]:
+    """About `fraction` of each class of the training side, in whole duplicate groups (so the
+    subset stays leak-free), the same for a given seed: the points of a learning curve."""
+    if fraction >= 1:
+        return items
+    rng = np.random.default_rng(seed)
+    chosen = set()
+    for label in sorted({item["label"] for item in items}):
+        sizes = Counter(item["group"] for item in items if item["label"] == label)
+        groups = sorted(sizes)
+        rng.shuffle(groups)
+        target, count = fraction * sum(sizes.values()), 0
+        for group in groups:
+            if count >= target:
+                break
+            chosen.add((label, group))
+            count += sizes[group]
+    return [item for item in items if (item["label"], item["group"]) in chosen]
 
 
 def training_loss(n_classes: int, label_smoothing: float):
@@ -669,12 +691,14 @@ def train_run(run_dir: str | Path, manifest, config: dict, provenance: dict, fol
     from .data import image_errors, label_indices, make_dataset
 
     run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     if finished_mark(run_dir).exists():
         return json.loads(finished_mark(run_dir).read_text(encoding="utf-8"))
     check_training_labels(manifest, fold)
     sides = manifest.sides(fold=fold)
+    sides["train"] = training_subset(sides["train"], config["train_fraction"], config["seed"])
     labels = list(manifest.labels)
-    trainer_log = Log(run_dir / "logs" / "train.log", quiet)
+    trainer_log = Log(run.log("train"), quiet)
     refuse_other_run(run_dir, config)
     setup_determinism(config)
     trainer = Trainer(run_dir, sides, labels, config, trainer_log, quiet)
@@ -695,15 +719,15 @@ def train_run(run_dir: str | Path, manifest, config: dict, provenance: dict, fol
                 probs = model.predict(ds, verbose=0)
             summary[side] = side_metrics(label_indices(sides[side], labels), probs)
     # Saving a distributed model runs collectives, so every worker saves: the others beside their state.
-    saved = run_dir / "models" / "float.keras" if trainer.chief else trainer.state_dir.parent / "float.keras"
+    saved = run.float_model if trainer.chief else run.worker_float_model(trainer.task)
     save_float_model(model, saved, config, len(labels), trainer.mixed)
     if trainer.chief:
-        stored = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        stored = json.loads(run.config_file.read_text(encoding="utf-8"))
         stored[PROVENANCE_KEY]["head_summary"] = summary["head_summary"]
-        write_json(run_dir / "config.json", stored)
+        write_json(run.config_file, stored)
         write_json(finished_mark(run_dir), summary)  # last: the mark of a finished training
         trainer_log(f"done: best {config['monitor']} {summary['best']['value']:.4f}; "
-                    f"val {summary.get('val', {}).get('mcc', float('nan')):.3f} MCC; model {run_dir / 'models' / 'float.keras'}")
+                    f"val {summary.get('val', {}).get('mcc', float('nan')):.3f} MCC; model {run.float_model}")
     keras.backend.clear_session()
     return summary
 
@@ -714,7 +738,7 @@ def train_folds(run_dir: str | Path, manifest, config: dict, provenance: dict, k
     for fold in range(k):  # every fold before the first starts, not hours into the run
         check_training_labels(manifest, fold)
     start_run_dir(run_dir, manifest, config, {**provenance, "folds": k, "fold": None})
-    summaries = [train_run(run_dir / "folds" / str(i), manifest, config, {**provenance, "folds": None}, fold=i, quiet=quiet)
+    summaries = [train_run(RunDir(run_dir).fold(i).path, manifest, config, {**provenance, "folds": None}, fold=i, quiet=quiet)
                  for i in range(k)]
     cv = {"folds": summaries}
     for side in ("val", "test"):
@@ -723,5 +747,5 @@ def train_folds(run_dir: str | Path, manifest, config: dict, provenance: dict, k
             cv[side] = {key: {"mean": float(np.mean([r[key] for r in rows])), "std": float(np.std([r[key] for r in rows], ddof=1)) if len(rows) > 1 else 0.0,
                               "values": [r[key] for r in rows]}
                         for key in ("accuracy", "balanced_accuracy", "mcc", "loss")}
-    write_json(run_dir / "cv.json", cv)
+    write_json(RunDir(run_dir).cv_summary, cv)
     return cv

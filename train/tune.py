@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edge_runtime.atomic import write_json
 from .config import deep_merge
+from .rundir import RunDir
 
 
 def search_space(hp, space: dict) -> dict:
@@ -41,7 +42,7 @@ def tune(run_dir: str | Path, manifest, config: dict, trials: int, fold: int | N
 
     from .train import train_run
 
-    tune_dir = Path(run_dir) / "train" / "tune"
+    tune_dir = RunDir(run_dir).tune_dir
     monitor = config["monitor"]
     direction = "max" if monitor == "val_mcc" else "min"
 
@@ -52,8 +53,8 @@ def tune(run_dir: str | Path, manifest, config: dict, trials: int, fold: int | N
             summary = train_run(trial_dir, manifest, candidate, {"manifest": str(manifest.path), "tune_trial": trial.trial_id},
                                 fold=fold, quiet=quiet, evaluate_test=False)
             # Trials are for their score: their models and checkpoints would only fill the disk.
-            for heavy in ("models", "train/state"):
-                shutil.rmtree(trial_dir / heavy, ignore_errors=True)
+            for heavy in (RunDir(trial_dir).models, RunDir(trial_dir).train_state):
+                shutil.rmtree(heavy, ignore_errors=True)
             return {monitor: summary["best"]["value"]}
 
     tuner = TrainRunTuner(objective=kt.Objective(monitor, direction), max_trials=trials, seed=config["seed"],
