@@ -52,7 +52,19 @@ def side_predictions(fold_dir: Path, side: str, quiet: bool) -> tuple[list[str],
     labels = [name[2:] for name in rows[0] if name.startswith("p_")]
     y = np.array([labels.index(r["true"]) for r in rows])
     probs = np.array([[float(r[f"p_{label}"]) for label in labels] for r in rows])
-    return [Path(r["path"]).name for r in rows], labels, y, probs
+    return [r["path"] for r in rows], labels, y, probs
+
+
+def mirrored_predictions(fold_dir: Path, side: str, paths: list[str]) -> np.ndarray:
+    """The fold's float model on the horizontally mirrored images of one side, in `paths` order:
+    with the plain predictions, a flip test-time augmentation (two invokes per image)."""
+    from edge_runtime.preprocess import input_pixels, normalize
+    from oncolite.quantize.rundir import open_run
+    from oncolite.train.model import load_float_model
+
+    prep = open_run(fold_dir).prep
+    x = np.stack([normalize(input_pixels(path, prep)[:, ::-1], prep) for path in paths])
+    return load_float_model(RunDir(fold_dir).float_model).predict(x, batch_size=32, verbose=0)
 
 
 def recipe_changes(config: dict, base: dict) -> dict:
@@ -86,15 +98,19 @@ def trained_folds(run: Path) -> list[str]:
     return [f.name for f in folds if RunDir(f).float_model.is_file() or RunDir(f).eval_dir("float").is_dir()]
 
 
-def collect(run: Path, folds: list[str], quiet: bool) -> dict:
-    """One recipe on the given folds: pooled validation and test predictions, config, training time."""
+def collect(run: Path, folds: list[str], quiet: bool, hflip: bool = False) -> dict:
+    """One recipe on the given folds: pooled validation and test predictions (and, `hflip`, those
+    averaged with the mirrored images'), config, training time."""
     folds = [RunDir(run).fold(name).path for name in folds]
     sides = {}
     for side in SIDE_DIRS:
         parts = [side_predictions(f, side, quiet) for f in folds]
-        sides[side] = {"images": [(i, name) for i, p in enumerate(parts) for name in p[0]], "labels": parts[0][1],
-                       "y": np.concatenate([p[2] for p in parts]), "probs": np.concatenate([p[3] for p in parts]),
-                       "fold_sizes": [len(p[0]) for p in parts]}
+        sides[side] = {"images": [(i, Path(path).name) for i, p in enumerate(parts) for path in p[0]],
+                       "labels": parts[0][1], "y": np.concatenate([p[2] for p in parts]),
+                       "probs": np.concatenate([p[3] for p in parts]), "fold_sizes": [len(p[0]) for p in parts]}
+        if hflip:
+            mirrored = np.concatenate([mirrored_predictions(f, side, p[0]) for f, p in zip(folds, parts)])
+            sides[side]["hflip_probs"] = (sides[side]["probs"] + mirrored) / 2
     config = json.loads(RunDir(folds[0]).config_file.read_text(encoding="utf-8"))  # as stored, provenance included
     seconds = [train_seconds(f) for f in folds]
     return {"run": run, "folds": len(folds), "fold_names": [f.name for f in folds], "config": config, "sides": sides,
@@ -127,6 +143,11 @@ def compare(recipes: list[dict], bootstrap: int) -> dict:
             entry[side]["per_fold"] = {key: per_fold(data["y"], data["probs"], data["fold_sizes"], key) for key in REPORTED}
             entry[side]["delta"] = (None if r is base else
                                     metrics.paired_deltas(data["y"], ref["probs"], data["probs"], bootstrap=bootstrap))
+            if "hflip_probs" in data:
+                tta = metrics.classification_report(data["y"], data["hflip_probs"], data["labels"], bootstrap=bootstrap)
+                entry[side]["hflip"] = {**{key: tta["metrics"][key] for key in REPORTED},
+                                        "delta": metrics.paired_deltas(data["y"], data["probs"], data["hflip_probs"],
+                                                                       bootstrap=bootstrap)}
         rows.append(entry)
     chosen = max(rows, key=lambda e: (e["val"]["mcc"]["value"], e["val"]["accuracy"]["value"]))
     n = {side: len(base["sides"][side]["y"]) for side in SIDE_DIRS}
@@ -173,6 +194,17 @@ def markdown(study: dict, command: str) -> str:
         lines.append(f"| {name(e)} | {_cell(t['accuracy'])} | {_cell(t['mcc'])} | {_cell(t['macro_roc_auc'])} | "
                      f"{np.mean(acc):.3f} ± {np.std(acc):.3f} | {_delta(d.get('accuracy'))} | {_delta(d.get('mcc'))} | "
                      f"{_delta(d.get('macro_roc_auc'))} |")
+    if "hflip" in study["recipes"][0]["val"]:
+        lines += ["", "## With horizontal-flip test-time augmentation (two invokes per image)", "",
+                  "Each recipe's own model, its probabilities averaged with the mirrored image's; Δ: against the same "
+                  "model without it.", "",
+                  "| recipe | val accuracy | val MCC | Δ val accuracy | Δ val MCC | test accuracy | test MCC | test ROC-AUC | "
+                  "Δ test accuracy | Δ test MCC |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for e in study["recipes"]:
+            v, t = e["val"]["hflip"], e["test"]["hflip"]
+            lines.append(f"| {name(e)} | {_cell(v['accuracy'])} | {_cell(v['mcc'])} | {_delta(v['delta']['accuracy'])} | "
+                         f"{_delta(v['delta']['mcc'])} | {_cell(t['accuracy'])} | {_cell(t['mcc'])} | "
+                         f"{_cell(t['macro_roc_auc'])} | {_delta(t['delta']['accuracy'])} | {_delta(t['delta']['mcc'])} |")
     lines += ["", "Runs: " + ", ".join(f"`{e['run']}`" for e in study["recipes"])]
     return "\n".join(lines) + "\n"
 
@@ -182,6 +214,8 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="CV run directories; the first is the base recipe")
     parser.add_argument("--out", required=True, help="report folder (report.md, report.json)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    parser.add_argument("--hflip", action="store_true",
+                        help="also each recipe with horizontal-flip test-time augmentation (runs every model again)")
     add_output_flags(parser)
     args = parser.parse_args(argv)
     from edge_runtime.resources import shown
@@ -191,7 +225,7 @@ def main(argv=None) -> int:
     folds = sorted(set.intersection(*(set(trained_folds(Path(run))) for run in args.runs)), key=int)
     if not folds:
         raise OncoliteError("the runs have no trained fold in common; train the same folds of one manifest")
-    recipes = [collect(Path(run), folds, args.quiet or args.json) for run in args.runs]
+    recipes = [collect(Path(run), folds, args.quiet or args.json, args.hflip) for run in args.runs]
     study = compare(recipes, args.bootstrap)
     for e in study["recipes"]:
         e["run"] = shown(e["run"])

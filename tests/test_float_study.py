@@ -97,3 +97,22 @@ def test_paired_delta_ci_is_narrower_than_either_models_own():
     own = metrics.classification_report(y, a, LABELS, bootstrap=300)["metrics"]["accuracy"]["ci"]
     paired = metrics.paired_deltas(y, a, b, bootstrap=300)["accuracy"]["ci"]
     assert paired[1] - paired[0] < (own[1] - own[0]) / 2
+
+
+def test_hflip_averages_each_model_with_its_mirrored_images_and_reports_the_gain(tmp_path, monkeypatch):
+    """--hflip: the mirrored predictions (here those of a model that is always right) are averaged
+    with the plain ones, in the predictions' order, and compared with the same model without."""
+    base = _make_run(tmp_path, "base", noise=3.0, config_change={})
+
+    def mirrored(fold_dir, side, paths):
+        rows = np.loadtxt(fold_dir / "eval" / {"val": "float_val", "test": "float"}[side] / "predictions.csv",
+                          delimiter=",", skiprows=1, usecols=(1,), dtype=str)
+        assert len(rows) == len(paths)
+        return np.eye(3)[[LABELS.index(t) for t in rows]]  # the true class, with certainty
+
+    monkeypatch.setattr(float_study, "mirrored_predictions", mirrored)
+    study = float_study.compare([float_study.collect(base, FOLDS, True, hflip=True)], bootstrap=50)
+    tta = study["recipes"][0]["test"]["hflip"]
+    assert tta["accuracy"]["value"] > study["recipes"][0]["test"]["accuracy"]["value"]
+    assert tta["delta"]["accuracy"]["value"] > 0
+    assert "horizontal-flip test-time augmentation" in float_study.markdown(study, "cmd")
