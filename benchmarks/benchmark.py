@@ -18,6 +18,7 @@ each variant: its sidecar's `threshold`). Timing settings default to the run's c
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -48,6 +49,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("run_dir", nargs="*", metavar="RUN_DIR|MODEL.tflite",
                         help="run directory with models/float.keras and models/*.tflite; or, with --float, any "
                              "number of .tflite files (ours, Model Maker's, or bare ones with --labels)")
+    # The old spelling of RUN_DIR; also keeps argparse from reading `--run` as an abbreviation of --runs.
+    parser.add_argument("--run", dest="old_run", help=argparse.SUPPRESS)
     parser.add_argument("--float", dest="float_model", metavar="MODEL",
                         help="your own float model (.keras, .h5 or SavedModel directory): the reference every "
                              ".tflite file is compared with; images from --data or --manifest")
@@ -79,6 +82,11 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    if args.old_run:
+        if args.run_dir:
+            raise OncoliteError(f"--run {args.old_run} and {' '.join(args.run_dir)}: give the run directory once, first")
+        old_spelling(args, f"--run {args.old_run}", f"oncolite benchmark {args.old_run} ...")
+        args.run_dir = [args.old_run]
     if args.float_model or any(str(p).endswith(".tflite") for p in args.run_dir):
         return main_byo(args)
     if len(args.run_dir) != 1:
@@ -87,6 +95,9 @@ def main(args) -> int:
     if used:
         raise OncoliteError(f"--{used[0]}: only with --float MODEL (a bring-your-own model); a run directory has its own")
     run_dir = Path(args.run_dir[0])
+    if not run_dir.exists():
+        raise OncoliteError(f"{run_dir}: no such run directory; check the path, or train one with "
+                            f"`oncolite train {run_dir} --manifest M`")
     if args.compare:
         from .report import compare_reports, write_comparison
 
@@ -110,12 +121,61 @@ def main(args) -> int:
                                      bootstrap=args.bootstrap, targets=args.target, benchmark_model=args.benchmark_model,
                                      browser=args.browser, quiet=args.quiet or args.json, command=args.command_line)
 
+    earlier = earlier_timing(run.dir.benchmark_report, report) if not threads else None
+    if earlier:
+        carry_timing(report, earlier)
+    elif not threads:
+        # Nothing timed and nothing to carry over: no plot of an earlier run's timing stays beside this report.
+        (run.dir.benchmark_dir / "latency.png").unlink(missing_ok=True)
     md = write_report(run.dir.benchmark_dir, report, probs, y)
     # report.md holds every timing: the CPU's int8 features, the float model's ways of calling,
     # batch throughput, the image-to-answer split and the browser's latency.
     print_json(report) if args.json else say(args, md)
     result(args, f"report: {run.dir.benchmark_report_md}: {headline(report)}")
     return EXIT_SOME_FAILED if report["failures"] else EXIT_OK
+
+
+# What timing adds to a report, beside each variant's keys absent from an untimed one.
+TIMED_SETTINGS = ("threads", "runs", "warmup", "latency_images")
+
+
+def earlier_timing(report_path: Path, report: dict) -> dict | None:
+    """The previous report.json beside this untimed one, if it timed the very same model files
+    (sha256 recorded per model; size, and a file not changed after that report, when it lacks one)."""
+    try:
+        old = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    old_variants = old.get("variants") or {}
+    if not isinstance(old_variants, dict) or not any(v.get("latency_ms") for v in old_variants.values() if isinstance(v, dict)):
+        return None
+    for name, v in report["variants"].items():
+        if name == BASELINE:
+            continue
+        before = old_variants.get(name)
+        if not isinstance(before, dict):
+            return None
+        if before.get("sha256"):
+            if before["sha256"] != v.get("sha256"):
+                return None
+        elif not (before.get("size_bytes") == v.get("size_bytes") and v.get("file")
+                  and Path(v["file"]).stat().st_mtime <= report_path.stat().st_mtime):
+            return None
+    return old
+
+
+def carry_timing(report: dict, old: dict) -> None:
+    """An untimed run over the same model files keeps the earlier run's timing, marked as such."""
+    for name, v in report["variants"].items():
+        before = old["variants"].get(name, {})
+        for key, value in before.items():
+            if key not in v or key == "latency_ms":
+                v[key] = value
+    report["settings"].update({k: old["settings"][k] for k in TIMED_SETTINGS if k in old.get("settings", {})})
+    if old.get("browser") and "skipped" not in old["browser"]:
+        report["browser"] = old["browser"]
+    report["timing_from"] = {"created": old.get("created"), "command": old.get("command"),
+                             "note": "timing from the earlier run (same model files); this run timed nothing"}
 
 
 def headline(report: dict) -> str:

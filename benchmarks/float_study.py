@@ -92,10 +92,17 @@ def train_seconds(fold_dir: Path) -> float:
 
 def trained_folds(run: Path) -> list[str]:
     """The fold numbers of a CV run whose float model is trained."""
+    if not run.is_dir():
+        raise OncoliteError(f"{run}: no such run directory; give the folder of a cross-validation run "
+                            "(`oncolite run RUN_DIR --profile full --until evaluate`)")
     folds = fold_dirs(run)
     if folds == [run]:
-        raise OncoliteError(f"{run}: not a cross-validation run (no folds/<i>/); train the folds of one manifest")
-    return [f.name for f in folds if RunDir(f).float_model.is_file() or RunDir(f).eval_dir("float").is_dir()]
+        raise OncoliteError(f"{run}: not a cross-validation run (no folds/<i>/); make one with "
+                            f"`oncolite run {run} --folds 5 --until evaluate`")
+    trained = [f.name for f in folds if RunDir(f).float_model.is_file() or RunDir(f).eval_dir("float").is_dir()]
+    if not trained:
+        raise OncoliteError(f"{run}: no fold is trained yet; train them with `oncolite run {run} --until evaluate`")
+    return trained
 
 
 def collect(run: Path, folds: list[str], quiet: bool, hflip: bool = False) -> dict:

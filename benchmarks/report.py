@@ -307,8 +307,24 @@ def decision_text(report: dict) -> str:
     return "argmax except " + ", ".join(f"{name}: {op['positive']} when p >= {op['value']:g}" for name, op in points.items())
 
 
+def timing_settings_line(report: dict) -> str:
+    """How the latencies were measured; or whose they are (an untimed run over the same model
+    files keeps an earlier run's: `timing_from`); or that nothing was timed."""
+    s = report["settings"]
+    if report.get("timing_from"):
+        prefix = f"- timing from the earlier run of {report['timing_from']['created']}"
+    elif not s.get("threads"):
+        return "- timing: none in this run (--no-timing)"
+    else:
+        prefix = "- timing"
+    return (f"{prefix}: {s['warmup']} warm-up + {s['runs']} timed single-image runs over {s['latency_images']} images, "
+            "each model in its own process; preprocessing timed apart from inference; .tflite files by "
+            "`python -m edge_runtime bench` (what a device runs), the float model by `python -m oncolite.benchmarks.latency` "
+            "(the same statistics)")
+
+
 def markdown(report: dict) -> str:
-    m, split, s = report.get("machine", {}), report.get("split", {}), report["settings"]
+    m, split = report.get("machine", {}), report.get("split", {})
     lines = ["# Benchmark: float Keras model vs TFLite variants", ""]
     if report.get("command"):
         lines += [f"Made by: `{report['command']}`", ""]
@@ -322,10 +338,7 @@ def markdown(report: dict) -> str:
               f"manifest sha256 {split.get('manifest_sha256')}"
               + (f"; sides of CV fold {split['fold']}" if split.get("fold") is not None else ""),
               f"- decisions: {decision_text(report)}",
-              f"- timing: {s['warmup']} warm-up + {s['runs']} timed single-image runs over {s['latency_images']} images, "
-              "each model in its own process; preprocessing timed apart from inference; .tflite files by "
-              "`python -m edge_runtime bench` (what a device runs), the float model by `python -m oncolite.benchmarks.latency` "
-              "(the same statistics)",
+              timing_settings_line(report),
               "", "## Accuracy (95 % bootstrap CIs; agreement: Wilson CI; McNemar: exact, vs the float model)", "",
               *accuracy_table(report), "", "### Fidelity to the float model", "", *fidelity_table(report),
               "", "### Per-class change against the float model", "", *per_class_table(report),

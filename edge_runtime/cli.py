@@ -58,10 +58,15 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
     TF_CPP_MIN_LOG_LEVEL, so the variable alone cannot hide them; this applies it to them."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
+        if name != "tensorflow" or name in sys.modules:
             return None
+        # Out of the way while the real finders look, and back after: a first lookup may only ask
+        # whether TensorFlow is installed (importlib.util.find_spec), and the import comes later.
         sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None:
             spec.loader = _FilteredLoader(spec.loader, native_log_level())
         return spec
@@ -95,12 +100,18 @@ def _dispatch(prog: str, commands: dict, argv, groups: dict) -> int:
     width = max(map(len, commands))
     listing = "\n\n".join(f"{heading}:\n" + "\n".join(f"  {name:<{width}}  {commands[name][1]}" for name in names)
                            for heading, names in groups.items())
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+    if argv and argv[0] == "--version":
+        print(f"{prog} {version()}")
+        return 0
+    if argv and argv[0] not in ("-h", "--help") and argv[0] not in commands:
+        # One line saying what is wrong and the closest command, not the whole list before it.
+        print(f"{prog}: error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}\n"
+              f"`{prog} --help` lists the commands", file=sys.stderr)
+        return EXIT_USAGE
+    if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: {prog} COMMAND [options]\n\n{listing}\n\n"
-              f"`{prog} COMMAND --help` describes one command.", file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"{prog}: error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}", file=sys.stderr)
-            return EXIT_USAGE
+              f"`{prog} COMMAND --help` describes one command; `{prog} --version` prints the version.",
+              file=sys.stdout if argv else sys.stderr)
         return 0 if argv else EXIT_USAGE
     name = argv[0]
     module = importlib.import_module(commands[name][0])
@@ -124,6 +135,26 @@ def _dispatch(prog: str, commands: dict, argv, groups: dict) -> int:
         # stdout goes to devnull so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # SIGPIPE
+
+
+def version() -> str:
+    """The installed package's version; without an installed package (a checkout on PYTHONPATH),
+    pyproject.toml's."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("oncolite")
+    except PackageNotFoundError:
+        pass
+    import re
+    from pathlib import Path
+
+    try:  # the [project] table's `version = "..."` (tomllib is Python 3.11+ only)
+        text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return "unknown"
+    found = re.search(r'^version\s*=\s*"([^"]+)"', text.partition("[project]")[2], re.MULTILINE)
+    return found.group(1) if found else "unknown"
 
 
 def main(argv=None) -> int:

@@ -106,9 +106,11 @@ def main(args) -> int:
     # Stage by stage across the folds: every float model is trained (the expensive, settled part)
     # before the first quantization, so the float CV results never wait on a later stage.
     per_fold = {stage: [] for stage in ("train", "evaluate", "quantize", "export", "benchmark")}
+    fold_of = {}  # a per-fold step's key -> its fold directory
     for i in only:
         fold_dir = fold_dirs[i]
         prefix = "" if folds == 1 else f"fold{i}/"
+        fold_of.update({f"{prefix}{stage}": fold_dir for stage in per_fold})
         resume = ["--resume"] if RunDir(fold_dir).train_state.exists() else []
         qat_resume = ["--resume"] if RunDir(fold_dir).qat_state_file.exists() else []
         per_fold["train"].append((f"{prefix}train", ["train", str(fold_dir), "--manifest", str(manifest),
@@ -128,15 +130,28 @@ def main(args) -> int:
     plan = [(key, argv) for key, argv in plan if STAGES.index(key.split("/")[-1]) <= last]
 
     started = time.monotonic()
+    # The steps planned, and the final report as the last one when the run goes that far.
+    total = len(plan) + (1 if args.until == STAGES[-1] else 0)
     for n, (key, argv) in enumerate(plan, 1):
+        redone = ""
         if state.get(key, {}).get("status") == "done":
-            _say(args, f"[{n}/{len(plan) + 1}] {key}: done before, skipped")
-            continue
-        _say(args, f"[{n}/{len(plan) + 1}] {key}: oncolite {' '.join(argv)}")
+            changed = stale_inputs(key.split("/")[-1], fold_of[key]) if key in fold_of else []
+            if not changed:
+                _say(args, f"[{n}/{total}] {key}: done before, skipped")
+                continue
+            if key.split("/")[-1] == "export":
+                forget(fold_of[key], ["export"])  # its variants are remade, not found up to date
+            redone = f" (redone: its models changed since: {', '.join(changed)})"
+        _say(args, f"[{n}/{total}] {key}: oncolite {' '.join(argv)}{redone}")
         t0 = time.monotonic()
-        # Under --quiet or --json a stage's own result line is not the run's result: not on stdout.
-        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        # A stage's stdout is its own report (benchmark prints its whole report.md): captured, and
+        # only its last line, its result, shown; under --quiet or --json not even that.
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
             code = dispatch("oncolite", COMMANDS, argv + quiet)
+        lines = [line for line in captured.getvalue().splitlines() if line.strip()]
+        if lines and not quiet:
+            print(f"  {key}: {lines[-1]}", flush=True)
         if code != EXIT_OK:
             print(f"oncolite run: stage {key} failed (exit {code}); fix it and re-run the same command to resume",
                   file=sys.stderr)
@@ -158,13 +173,14 @@ def main(args) -> int:
     if len(only) < folds:
         summary["only_folds"] = only
     summary["seconds"] = round(time.monotonic() - started, 1)
+    _say(args, f"[{total}/{total}] report: {RunDir(run).report_md}")
     write_json(RunDir(run).report, summary)
-    write_text(RunDir(run).report_md, summary_markdown(summary, command=args.command_line))
+    write_text(RunDir(run).report_md, summary_markdown(summary, command=recorded_command(args.command_line)))
     if args.publish:
         publish(run, ran[0], args.publish)
     if args.json:
         print_json(summary)
-    say(args, summary_markdown(summary))
+    say(args, summary_markdown(summary, pooled=False))
     result(args, f"report: {RunDir(run).report_md}: {headline(summary)}")
     for warning in summary["warnings"]:
         print(f"oncolite run: warning: {warning}", file=sys.stderr)
@@ -180,8 +196,9 @@ def only_folds(text: str | None, folds: int) -> list[int]:
     except ValueError:
         chosen = []
     if not chosen or not all(0 <= i < folds for i in chosen):
+        example = ",".join(map(str, range(min(folds, 2))))
         raise OncoliteError(f"--only-folds {text}: give fold numbers among 0..{folds - 1} (--folds {folds}), "
-                            "comma-separated, e.g. --only-folds 0,1")
+                            f"comma-separated, e.g. --only-folds {example}")
     return chosen
 
 
@@ -231,7 +248,36 @@ def check_same_settings(run: Path, state: dict, settings: dict, from_stage: str 
         return
     what = "; ".join(f"{key}: {before.get(key)!r} -> {settings[key]!r}" for key in changed)
     raise OncoliteError(f"{run}: its finished stages ran with other settings ({what}); redo them with "
-                        f"--from {first} (or an earlier stage), or give a new --run")
+                        f"--from {first} (or an earlier stage), or give another RUN_DIR")
+
+
+def stale_inputs(stage: str, fold_dir: Path) -> list[str]:
+    """The inputs of a finished evaluate, export or benchmark step that are newer than its output
+    (a user re-ran `oncolite train`, `quantize` or `export` by hand): such a step is redone. Empty
+    when either is missing: a missing output is the stage's own business (it was recorded done)."""
+    run = RunDir(fold_dir)
+    if stage == "evaluate":
+        output, inputs = run.eval_dir("float") / "metrics.json", [run.float_model]
+    elif stage == "export":
+        output, inputs = run.export_report, [run.float_model, run.qat_model]
+    elif stage == "benchmark":
+        output, inputs = run.benchmark_report, [run.float_model, *sorted(run.models.glob("*.tflite"))]
+    else:
+        return []
+    if not output.is_file():
+        return []
+    made = output.stat().st_mtime_ns
+    return [path.name for path in inputs if path.is_file() and path.stat().st_mtime_ns > made]
+
+
+def recorded_command(command: str | None) -> str | None:
+    """The command a report records: without the output flags (--json, --quiet), which change no result."""
+    if not command:
+        return command
+    import shlex
+
+    words = shlex.split(command)
+    return shlex.join([w for w in words if w not in ("--json", "--quiet", "-q")])
 
 
 def forget(fold_dir: Path, stages) -> None:
@@ -302,12 +348,35 @@ def headline(summary: dict) -> str:
     return ", ".join(parts or ["no MCC in the benchmark reports"]) + (f" over {folds} folds" if folds > 1 else "")
 
 
-def summary_markdown(summary: dict, command: str | None = None) -> str:
+def split_words(split: dict | None) -> str:
+    """The split a benchmark report records, in words: kind, seed, images, manifest and its hash."""
+    if not split:
+        return "not recorded"
+    kind = split.get("kind")
+    parts = [f"{kind} (leak-free)" if kind == "group" else str(kind or "unknown kind")]
+    if split.get("seed") is not None:
+        parts.append(f"seed {split['seed']}")
+    side = split.get("side") or "test"
+    n = split.get(f"n_{side}")
+    if n is not None:
+        parts.append(f"{n} {side} images")
+    if split.get("folds") and split["folds"] > 1 and split.get("test_fold") is not None:
+        parts.append(f"test fold {split['test_fold']} of {split['folds']}")
+    if split.get("conflicts_excluded"):
+        parts.append(f"{split['conflicts_excluded']} label conflicts excluded")
+    if split.get("manifest"):
+        sha = split.get("manifest_sha256")
+        parts.append(f"manifest {shown(split['manifest'])}" + (f" (sha256 {sha[:8]}…)" if sha else ""))
+    return ", ".join(parts)
+
+
+def summary_markdown(summary: dict, command: str | None = None, pooled: bool = True) -> str:
+    """report.md; without `pooled` only the header and the table (what `oncolite run` prints)."""
     folds = summary["folds"]
     lines = [f"Made by: `{command}`", ""] if command else []
     if summary.get("only_folds"):
         lines += [f"Folds {', '.join(map(str, summary['only_folds']))} of {summary['cv_folds']} only (--only-folds).", ""]
-    lines += [f"{'mean ± sd over the folds' if folds > 1 else 'one held-out split'}; split: {json.dumps(summary.get('split'))}",
+    lines += [f"{'mean ± sd over the folds' if folds > 1 else 'one held-out split'}; split: {split_words(summary.get('split'))}",
               "", "| variant | folds | accuracy | MCC | ROC-AUC | agreement with float | size (KB) | p50 ms (2 threads) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, e in summary["variants"].items():
@@ -319,12 +388,13 @@ def summary_markdown(summary: dict, command: str | None = None) -> str:
         size = f"{e['size_bytes'] / 1024:.0f}" if e.get("size_bytes") else "—"
         p50 = ((e.get("latency_ms") or {}).get("2") or {}).get("p50")
         lines.append(f"| {name} | {n} | {' | '.join(cells)} | {size} | {'—' if p50 is None else f'{p50:.2f}'} |")
-    from oncolite.benchmarks.pooled import markdown as pooled_markdown
-
-    pooled = pooled_markdown(summary.get("pooled") or {})
     if pooled:
-        lines += ["", "## Pooled over the folds", "", *pooled]
-    for warning in summary.get("warnings", []):
+        from oncolite.benchmarks.pooled import markdown as pooled_markdown
+
+        pooled_lines = pooled_markdown(summary.get("pooled") or {})
+        if pooled_lines:
+            lines += ["", "## Pooled over the folds", "", *pooled_lines]
+    for warning in summary.get("warnings", []) if pooled else []:  # printed: on stderr
         lines += ["", f"**Warning:** {warning}"]
     return "\n".join(lines) + "\n"
 

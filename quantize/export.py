@@ -25,6 +25,7 @@ before it is written (unless --allow-float-ops), so models/ never holds one.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -37,8 +38,8 @@ import numpy as np
 
 from edge_runtime.atomic import atomic_path, write_bytes, write_json
 from edge_runtime.backends import make_interpreter
-from edge_runtime.console import (Log, add_output_flags, native_log_level, native_stderr_filtered, print_json, progress,
-                                  result, say)
+from edge_runtime.console import (Log, add_output_flags, native_log_level, native_stderr_filtered, old_spelling,
+                                  print_json, progress, result, say)
 from edge_runtime.decision import margin_errors
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from edge_runtime.hashing import bytes_sha256, file_sha256
@@ -57,9 +58,10 @@ SOURCES = {"float": FLOAT_MODEL, "qat": QAT_MODEL}  # file names in the models f
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR|MODEL",
+    parser.add_argument("run_dir", metavar="RUN_DIR|MODEL", nargs="?",
                         help="run directory holding models/float.keras (and qat.keras), or your own model: a Keras "
                              "file (.keras, .h5) or a SavedModel directory, with --data or --manifest")
+    parser.add_argument("--run", dest="old_run", help=argparse.SUPPRESS)  # the old spelling of RUN_DIR
     parser.add_argument("--variants", help=f"comma-separated, from {','.join(SELECTABLE)} (default: config export.variants)")
     parser.add_argument("--calibration-images", type=int,
                         help="training images for int8 calibration (default: config export.calibration_images)")
@@ -291,7 +293,11 @@ def export_variants(run: Run, variants: list[str], chosen: list[dict], io: str, 
     if selective:
         jobs.append((SELECTIVE_VARIANT, selective))
     results = {}
+    ship = any(VARIANTS[v].source == "int8" for v in variants)
+    # Minutes for a full set: a bar on a terminal, a line every LINE_EVERY seconds in a log.
+    bar = progress(total=len(jobs) + int(ship), desc="exporting", quiet=quiet, unit="variant")
     for variant, denylist in jobs:
+        bar.set_postfix(variant=variant)
         spec = VARIANTS[variant]
         source = model_source(run, SOURCES[spec.source])
         options = {"io": io_type(variant, io), "calibration_images": len(chosen) if spec.integer else None,
@@ -300,8 +306,12 @@ def export_variants(run: Run, variants: list[str], chosen: list[dict], io: str, 
         results[variant] = export_one(run, variant, source, options, lambda: convert(
             variant, load_source(run, spec.source, float_model), float_model, chosen, run.prep, representative, options),
             calibration, validation)
-    if any(VARIANTS[v].source == "int8" for v in variants):
+        bar.update(1)
+    if ship:
+        bar.set_postfix(variant="int8 (choosing among the candidates)")
         results.update(ship_int8(run, variants, float_model, chosen, representative, calibration, validation))
+        bar.update(1)
+    bar.close()
     return results
 
 
@@ -528,10 +538,30 @@ def byo_variants(text: str | None, default: list[str]) -> list[str]:
     return [v for v in parse_variants(text, default) if v != "int8_qat"]
 
 
+def given_run_dir(args, command: str) -> str:
+    """RUN_DIR, from its place or from the old spelling `--run RUN_DIR` (with a note); refused at
+    once when it does not exist. Shared by `export` and `quantize`."""
+    if args.old_run:
+        if args.run_dir:
+            raise OncoliteError(f"--run {args.old_run} and {args.run_dir}: give the run directory once, first")
+        old_spelling(args, f"--run {args.old_run}", f"oncolite {command} {args.old_run} ...")
+        args.run_dir = args.old_run
+    if not args.run_dir:
+        raise OncoliteError(f"which run? give its directory: oncolite {command} RUN_DIR")
+    path = Path(args.run_dir)
+    if not path.exists():
+        if path.suffix.lower() in (".keras", ".h5"):
+            raise OncoliteError(f"{path}: no such model file; check the path")
+        raise OncoliteError(f"{path}: no such run directory; check the path, or train one with "
+                            f"`oncolite train {path} --manifest M`")
+    return args.run_dir
+
+
 def main(args) -> int:
     from .byo import is_model_path
     from .debug import gate_report, write_report
 
+    given_run_dir(args, "export")
     byo = is_model_path(args.run_dir)
     if byo:
         run = open_model_run(args)

@@ -20,6 +20,7 @@ atomically, models/qat_state/state.json naming it; --resume continues from there
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import json
@@ -50,10 +51,14 @@ RECIPE = "folded-bn+gptq-start"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding models/float.keras")
+    parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="run directory holding models/float.keras")
+    parser.add_argument("--run", dest="old_run", help=argparse.SUPPRESS)  # the old spelling of RUN_DIR
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default: config qat.epochs)")
     parser.add_argument("--lr", type=float, help="learning rate (default: config qat.lr)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    again.add_argument("--force", action="store_true",
+                       help="run QAT again from scratch (a finished QAT is otherwise left as it is)")
     add_set_argument(parser, "qat")
     add_output_flags(parser)
 
@@ -397,10 +402,45 @@ def _read_state(path: Path, source_sha: str, settings: dict) -> dict:
     return state
 
 
+def finished_qat(run: Run) -> dict | None:
+    """The report of a finished QAT of this float model (models/qat_report.json, written last,
+    after models/qat.keras), or None: nothing finished, or the float model changed since."""
+    report_path, model_path = run.dir.qat_report, run.dir.qat_model
+    if not (report_path.exists() and model_path.exists() and run.dir.float_model.exists()):
+        return None
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return report if report.get("source_sha256") == file_sha256(run.dir.float_model) else None
+
+
+def forget_qat(run: Run) -> None:
+    """QAT starts over: its finished mark goes first, then the resume point."""
+    run.dir.qat_report.unlink(missing_ok=True)
+    run.dir.qat_state_file.unlink(missing_ok=True)
+
+
 def main(args) -> int:
-    run = open_run(args.run_dir)
+    from .export import given_run_dir
+
+    run = open_run(given_run_dir(args, "quantize"))
     run.config = with_overrides(run.config, args.set, "qat")
     settings = qat_settings(run.config, epochs=args.epochs, lr=args.lr)
+    if args.force:
+        forget_qat(run)
+    else:
+        done = finished_qat(run)
+        if done is not None:
+            changed = sorted(k for k in settings if k in done.get("settings", {}) and done["settings"][k] != settings[k])
+            if changed:
+                raise OncoliteError(f"{run.dir.qat_model}: QAT finished before with other settings ({', '.join(changed)}); "
+                                    "add --force to run it again with these, or drop them to keep it")
+            if args.json:
+                print_json({**done, "finished_before": True})
+            result(args, f"{run.dir.path}: QAT finished before; left as it is (model: {run.dir.qat_model}); add --force "
+                         "to run it again, or --resume after an interruption")
+            return EXIT_OK
     summary = run_qat(run, settings, resume=args.resume, quiet=args.quiet or args.json)
     if args.json:
         print_json(summary)

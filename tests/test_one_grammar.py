@@ -41,9 +41,11 @@ def test_an_unknown_command_or_key_is_refused_with_the_closest_valid_names(capsy
     from oncolite.train.config import ConfigError, load_config, parse_overrides, with_overrides
 
     assert oncolite(["trian"]) == EXIT_USAGE
-    assert capsys.readouterr().err.splitlines()[-1] == "oncolite: error: unknown command 'trian' (did you mean 'train'?)"
+    # The one line and where the list is, not the whole command list before it.
+    assert capsys.readouterr().err.splitlines() == ["oncolite: error: unknown command 'trian' (did you mean 'train'?)",
+                                                    "`oncolite --help` lists the commands"]
     assert edge(["predcit"]) == EXIT_USAGE
-    assert capsys.readouterr().err.splitlines()[-1].endswith("unknown command 'predcit' (did you mean 'predict'?)")
+    assert capsys.readouterr().err.splitlines()[0].endswith("unknown command 'predcit' (did you mean 'predict'?)")
     for pair, suggested in (("finetune_lrr=1e-5", "'finetune_lr'"), ("rotation=10", "'augment.rotation'"),
                             ("augment.zom=0.2", "'augment.zoom'")):
         with pytest.raises(ConfigError, match=rf"unknown config key '{pair.split('=')[0]}' \(did you mean {suggested}"):
@@ -439,3 +441,169 @@ def test_the_answer_markup_and_its_style_are_answer_js_and_app_css_alone():
     # The in-browser page adds to the server page's stylesheet, never restyles the answer.
     answer_rules = r"^\.(caption|label|probability|uncertain|bars|rule|meta)\b"
     assert not re.findall(answer_rules, (ASSETS_DIR / "field.css").read_text(), re.M)
+
+
+# --------------------------------------------------------------------- new-user trial: run, messages, --version
+
+def test_version_prints_the_package_version(capsys):
+    from importlib.metadata import version
+
+    from edge_runtime.cli import main as edge
+
+    assert oncolite(["--version"]) == EXIT_OK
+    assert capsys.readouterr().out == f"oncolite {version('oncolite')}\n"
+    assert edge(["--version"]) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert out == f"python -m edge_runtime {version('oncolite')}\n" and err == ""
+
+
+def test_a_version_without_an_installed_package_is_pyprojects(monkeypatch):
+    import importlib.metadata
+
+    from edge_runtime import cli
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    text = (Path(cli.__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert cli.version() != "unknown" and f'version = "{cli.version()}"' in text
+
+
+def test_a_stage_set_of_another_stages_section_names_the_command_that_reads_it():
+    from oncolite.train.config import ConfigError, load_config, with_overrides
+
+    with pytest.raises(ConfigError) as refused:
+        with_overrides(load_config(), ["benchmark.runs=3"], "export")
+    text = str(refused.value)
+    assert text.startswith("--set benchmark.runs:") and "`oncolite benchmark`" in text and "when training" not in text
+    with pytest.raises(ConfigError, match="input_size is fixed when the run trains: `oncolite train` and `oncolite run`"):
+        with_overrides(load_config(), ["input_size=40"], "qat")
+
+
+def test_an_unknown_key_lists_the_valid_ones_by_their_dotted_names():
+    from oncolite.train.config import ConfigError, load_config, parse_overrides, with_overrides
+
+    with pytest.raises(ConfigError) as refused:
+        with_overrides(load_config(), ["qat.epoch=2"], "qat")
+    valid = str(refused.value).split("valid keys here: ")[1].split(", ")
+    assert "qat.epochs" in valid and all(k.startswith("qat.") for k in valid)
+    with pytest.raises(ConfigError) as refused:
+        load_config(overrides=parse_overrides(["finetune_lrr=1e-5"]))
+    valid = str(refused.value).split("valid keys here: ")[1].split(", ")
+    assert "augment.*" in valid and "finetune_lr" in valid and "augment" not in valid
+
+
+def test_only_folds_and_changed_settings_errors_give_valid_advice():
+    from edge_runtime.errors import OncoliteError
+    from oncolite.pipeline import check_same_settings, only_folds
+
+    with pytest.raises(OncoliteError, match=r"among 0\.\.0 \(--folds 1\), comma-separated, e.g. --only-folds 0$"):
+        only_folds("1", 1)
+    with pytest.raises(OncoliteError, match=r"e.g. --only-folds 0,1$"):
+        only_folds("5", 3)
+    state = {"settings": {"seed": 0}, "split": {"status": "done"}}
+    with pytest.raises(OncoliteError, match="--from split .*or give another RUN_DIR$"):
+        check_same_settings(Path("r"), state, {"seed": 1}, None)
+
+
+def recorded_run(monkeypatch, stage_output=()):
+    """`oncolite run` with every stage replaced by a recorder that prints `stage_output`, and a
+    fixed summary; returns the list the stage commands are recorded in."""
+    import edge_runtime.cli
+    from oncolite import pipeline
+
+    calls = []
+
+    def stage(prog, commands, argv, groups=None):
+        calls.append(argv)
+        for line in stage_output:
+            print(line)
+        return 0
+
+    monkeypatch.setattr(edge_runtime.cli, "dispatch", stage)
+    mcc = {"mean": 0.5, "std": 0.0, "folds": [0.5]}
+    summary = {"variants": {"keras_float": {"mcc": mcc, "accuracy": mcc}}, "pooled": {}, "folds": 1, "stages": {},
+               "split": {"kind": "group", "seed": 0, "side": "test", "n_test": 153, "manifest": "m.json",
+                         "manifest_sha256": "eca38bda" + "0" * 56}}
+    monkeypatch.setattr(pipeline, "summarize", lambda run, ran: {**summary, "run": str(run)})
+    monkeypatch.setattr(pipeline, "int8_warnings", lambda ran: [])
+    return calls
+
+
+def test_the_progress_counter_counts_the_planned_steps_and_the_report_is_the_last(data, tmp_path, monkeypatch, capsys):
+    recorded_run(monkeypatch)
+    argv = ["run", str(tmp_path / "r"), "--data", str(data), "--profile", "quick"]
+    assert oncolite([*argv, "--until", "split"]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "[1/2] audit:" in err and "[2/2] split:" in err
+    assert oncolite(argv) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "[1/8] audit: done before" in err and "[7/8] benchmark:" in err and "[8/8] report:" in err
+
+
+def test_run_shows_each_stages_result_line_and_a_short_summary_not_whole_reports(data, tmp_path, monkeypatch, capsys):
+    """A stage's stdout (benchmark prints its whole report.md) is captured: its last line shows.
+    The run prints the summary table and the report path; report.md says the split in words and
+    records the command without its output flags."""
+    report = [f"report line {i}" for i in range(200)] + ["report: somewhere.md: the headline"]
+    recorded_run(monkeypatch, report)
+    run = tmp_path / "r"
+    assert oncolite(["run", str(run), "--data", str(data), "--profile", "quick"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "report line 5" not in out and out.count("report: somewhere.md: the headline") == 7
+    assert len(out.splitlines()) < 30 and "## Pooled" not in out
+    assert out.splitlines()[-1].startswith(f"report: {run / 'report.md'}:")
+    assert oncolite(["run", str(run), "--data", str(data), "--profile", "quick", "--json"]) == EXIT_OK
+    json.loads(capsys.readouterr().out)  # --json: JSON alone, as before
+    md = (run / "report.md").read_text()
+    assert "split: group (leak-free), seed 0, 153 test images, manifest m.json (sha256 eca38bda…)" in md
+    assert "{" not in md.split("split:")[1].splitlines()[0]
+    made = md.splitlines()[0]
+    assert made.startswith("Made by: `oncolite run ") and "--json" not in made and "--quiet" not in made
+
+
+def test_a_done_stage_whose_models_changed_since_is_redone(data, tmp_path, monkeypatch, capsys):
+    """A user re-ran `oncolite quantize` and `export` by hand: the next `oncolite run` redoes the
+    benchmark (and export, when the QAT model is newer than the export report), saying why."""
+    import os
+
+    from oncolite.train.rundir import RunDir
+
+    calls = recorded_run(monkeypatch)
+    run = tmp_path / "r"
+    argv = ["run", str(run), "--data", str(data), "--profile", "quick"]
+    assert oncolite(argv) == EXIT_OK
+    calls.clear()
+    d = RunDir(run)
+
+    def made(path, when):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+        os.utime(path, ns=(when * 10**9, when * 10**9))
+
+    made(d.float_model, 100)
+    made(d.eval_dir("float") / "metrics.json", 200)
+    made(d.qat_model, 150)
+    made(d.export_report, 300)
+    made(d.variant("int8"), 300)
+    made(d.benchmark_report, 250)
+    capsys.readouterr()
+    assert oncolite(argv) == EXIT_OK
+    assert [c[0] for c in calls] == ["benchmark"]
+    err = capsys.readouterr().err
+    assert "evaluate: done before, skipped" in err and "export: done before, skipped" in err
+    assert "benchmark: oncolite benchmark" in err and "redone: its models changed since: int8.tflite" in err
+
+    calls.clear()
+    made(d.benchmark_report, 400)
+    made(d.qat_model, 500)
+    assert oncolite(argv) == EXIT_OK
+    assert [c[0] for c in calls] == ["export"]  # the recorder makes no new models: the benchmark stays current
+    assert "export: oncolite export" in capsys.readouterr().err
+
+    calls.clear()
+    made(d.benchmark_report, 600)
+    made(d.export_report, 600)
+    assert oncolite(argv) == EXIT_OK
+    assert calls == []

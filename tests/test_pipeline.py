@@ -73,3 +73,15 @@ def test_run_makes_every_stage_then_skips_and_redoes_from_a_stage(tmp_path):
     assert redo.returncode == 0, redo.stderr[-3000:]
     assert (run / "models" / "float.keras").stat().st_mtime_ns == float_mtime  # train was kept
     assert (run / "models" / "int8_qat.json").stat().st_mtime_ns != sidecar_mtime  # export was redone
+
+    # A model remade by hand (`oncolite export RUN` again) is newer than the benchmark: the next
+    # run redoes the benchmark instead of skipping it, and says why.
+    bench_mtime = (run / "benchmark" / "report.json").stat().st_mtime_ns
+    later = bench_mtime + 10**9
+    os.utime(run / "models" / "int8.tflite", ns=(later, later))
+    stale = oncolite("run", data, "--run", run, "--profile", "quick", *sets, cwd=tmp_path)
+    assert stale.returncode == 0, stale.stderr[-3000:]
+    assert "benchmark: oncolite benchmark" in stale.stderr and "redone: its models changed since: int8.tflite" in stale.stderr
+    assert stale.stderr.count("done before, skipped") == 6
+    assert (run / "benchmark" / "report.json").stat().st_mtime_ns > bench_mtime
+    assert len(stale.stdout.splitlines()) < 40  # stage result lines, the table and the report path

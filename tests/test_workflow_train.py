@@ -102,6 +102,21 @@ def test_tensorflows_own_import_lines_obey_the_log_level(capfd):
     assert shown[3] == "a line of its own\n"
 
 
+def test_tensorflow_found_before_it_is_imported_still_imports_quietly():
+    """A command that first only asks whether TensorFlow is installed (the .tflite backends do)
+    and imports it later prints none of its import-time INFO lines either."""
+    probe = ("import importlib.util\n"
+             "from edge_runtime.cli import quiet_tensorflow_logs\n"
+             "with quiet_tensorflow_logs():\n"
+             "    assert importlib.util.find_spec('tensorflow') is not None\n"
+             "    import tensorflow\n")
+    env = {k: v for k, v in USER_ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "oneDNN" not in result.stderr and "cuda" not in result.stderr, result.stderr[-2000:]
+
+
 def test_the_users_log_level_is_kept(monkeypatch):
     from edge_runtime.cli import quiet_tensorflow_logs
 

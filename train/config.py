@@ -115,8 +115,10 @@ def validate(config: dict, reference: dict, source: str, prefix: str = "") -> No
         name = f"{prefix}{key}"
         if key not in reference:
             # Suggested from every name below this level: `rotation` finds `augment.rotation`.
+            # Listed by their dotted names, a section as `name.*`: what --set takes here.
+            valid = sorted(f"{prefix}{k}" + (".*" if isinstance(v, dict) else "") for k, v in reference.items())
             raise ConfigError(f"{source}: unknown config key {name!r}{did_you_mean(name, dotted_names(reference, prefix))}; "
-                              f"valid keys here: {', '.join(sorted(reference))}")
+                              f"valid keys here: {', '.join(valid)}")
         if isinstance(reference[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {name!r} must be a section (a JSON object) with keys {', '.join(sorted(reference[key]))}")
@@ -448,19 +450,30 @@ def add_set_argument(parser, section: str | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help_)
 
 
+# The stage command that reads each stage section of a trained run (train and run read the rest).
+SECTION_COMMANDS = {"qat": "oncolite quantize", "export": "oncolite export", "benchmark": "oncolite benchmark"}
+
+
 def with_overrides(config: dict, pairs: list[str], section: str) -> dict:
     """A run's stored config with a stage command's --set pairs over its `section`, checked by the
     rules every setting obeys. A key outside the section is refused: changing a training setting
     after training would describe a model that does not exist."""
     overrides = parse_overrides(pairs)
     defaults = read_config_file(DEFAULTS_PATH)
-    for key in overrides:
+    for key, value in overrides.items():
         # A key that is no setting at all is validate's: refused with the closest names.
         if key != section and (key in defaults or key in defaults[section]):
-            fix = (f"write it --set {section}.{key}=VALUE" if key in defaults[section]
-                   else f"set {key} when training the run")
-            raise ConfigError(f"--set {key}: this command reads only the {section}.* settings "
-                              f"({', '.join(f'{section}.{k}' for k in sorted(defaults[section]))}); {fix}")
+            given = (", ".join(f"{key}.{leaf}" for leaf in value) if isinstance(value, dict) and value
+                     else key)  # the dotted key(s) as typed: benchmark.runs
+            if key in defaults[section]:
+                fix = f"write it --set {section}.{key}=VALUE"
+            elif key in SECTION_COMMANDS:
+                fix = f"{key}.* settings are read by `{SECTION_COMMANDS[key]}`: give --set {given}=... there"
+            else:
+                fix = f"{given} is fixed when the run trains: `oncolite train` and `oncolite run` read it"
+            raise ConfigError(f"--set {given}: `{SECTION_COMMANDS.get(section, 'this command')}` reads only the "
+                              f"{section}.* settings ({', '.join(f'{section}.{k}' for k in sorted(defaults[section]))}); "
+                              f"{fix}")
     validate(overrides, defaults, "--set")
     merged = deep_merge(config, overrides)
     for name, (test, accepted) in RULES.items():

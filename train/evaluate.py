@@ -8,6 +8,7 @@ applied unchanged to the side evaluated, and saved to RUN_DIR/threshold.json for
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -17,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 from edge_runtime.atomic import atomic_path, write_json, write_text
-from edge_runtime.console import add_output_flags, print_json, progress, result, say
+from edge_runtime.console import add_output_flags, old_spelling, print_json, progress, result, say
 from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
 from edge_runtime.hashing import file_sha256
 from edge_runtime.preprocess import Preprocessing, open_image
@@ -432,7 +433,8 @@ def contact_sheet(errors, path: Path, thumb: int = 160, columns: int = 4) -> str
 # --- CLI ----------------------------------------------------------------------------------------
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="a .keras or .tflite model, or a run directory")
+    parser.add_argument("model", metavar="MODEL", nargs="?", help="a .keras or .tflite model, or a run directory")
+    parser.add_argument("--run", dest="old_run", help=argparse.SUPPRESS)  # the old spelling of RUN_DIR
     parser.add_argument("--manifest", metavar="M", help="the manifest (default: RUN_DIR/manifest.json)")
     parser.add_argument("--side", choices=("test", "val", "train"), default="test", help="which side to evaluate (default test)")
     parser.add_argument("--fold", type=int, help="cross-validation fold (its sides, and RUN_DIR/folds/<i> if present); "
@@ -448,7 +450,27 @@ def add_arguments(parser) -> None:
     add_output_flags(parser)
 
 
+def given_model(args) -> str:
+    """MODEL (or RUN_DIR), from its place or from the old spelling `--run RUN_DIR` (with a note);
+    refused at once when it does not exist."""
+    if args.old_run:
+        if args.model:
+            raise OncoliteError(f"--run {args.old_run} and {args.model}: give the run directory once, first")
+        old_spelling(args, f"--run {args.old_run}", f"oncolite evaluate {args.old_run} ...")
+        args.model = args.old_run
+    if not args.model:
+        raise OncoliteError("which model? give a run directory or a .keras/.tflite model: oncolite evaluate RUN_DIR")
+    path = Path(args.model)
+    if not path.exists():
+        if path.suffix.lower() in (".keras", ".h5", ".tflite"):
+            raise OncoliteError(f"{path}: no such model file; check the path")
+        raise OncoliteError(f"{path}: no such run directory; check the path, or train one with "
+                            f"`oncolite train {path} --manifest M`")
+    return args.model
+
+
 def main(args) -> int:
+    given_model(args)
     threshold = args.threshold
     if threshold not in ("auto", "none"):
         try:

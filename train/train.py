@@ -102,20 +102,34 @@ def main(args) -> int:
     given = given_run_dir(args)
     if args.resume:
         if not given:
-            raise OncoliteError("oncolite train --resume: which run? give its directory: oncolite train RUN_DIR --resume")
+            raise OncoliteError("--resume: which run? give its directory: oncolite train RUN_DIR --resume")
         run_dir = Path(given)
         config, provenance = read_run_config(run_dir)
         folds, fold = provenance.get("folds"), provenance.get("fold")
     else:
-        if not args.manifest:
-            raise OncoliteError("oncolite train: --manifest is required (or RUN_DIR --resume to continue a run)")
-        # Settings first: a mistyped --set is refused at once, before TensorFlow loads to look for a
-        # GPU (the default profile's question) and before minutes of hashing the manifest's files.
+        # Settings first: a mistyped --set is refused at once (before a missing --manifest, too),
+        # before TensorFlow loads to look for a GPU (the default profile's question) and before
+        # minutes of hashing the manifest's files.
         # A profile holds only budget values that pass every check: checking without one is enough.
         overrides = parse_overrides(args.set)
         load_config(dataset=args.dataset, profile=args.profile, path=args.config, overrides=overrides)
-        profile = args.profile or default_profile()
-        config = load_config(dataset=args.dataset, profile=profile, path=args.config, overrides=overrides)
+        if not args.manifest and given and RunDir(given).manifest_copy.exists():
+            # A run directory holds its own manifest (`oncolite run --until split`, or a trained run).
+            args.manifest = str(RunDir(given).manifest_copy)
+            own_settings = not (args.set or args.profile or args.config or args.dataset)
+        else:
+            own_settings = False
+        if not args.manifest:
+            where = f"{given} holds no manifest.json; " if given else ""
+            raise OncoliteError(f"--manifest is required: {where}give the manifest.json of `oncolite split` "
+                                "(or RUN_DIR --resume to continue an interrupted run)")
+        if own_settings and RunDir(given).config_file.exists():
+            # No settings given for a run directory that has its own: they are kept.
+            config = RunDir(given).config()
+            profile = RunDir(given).provenance().get("profile")
+        else:
+            profile = args.profile or default_profile()
+            config = load_config(dataset=args.dataset, profile=profile, path=args.config, overrides=overrides)
         run_dir = Path(given or WORKSPACE / "runs" / f"{Path(args.manifest).resolve().parent.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         # --folds 1 is one train/val/test split, as in `split` and `run` (the manifest's own split).
         folds, fold = (None if args.folds == 1 else args.folds), args.fold
