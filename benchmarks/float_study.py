@@ -15,16 +15,14 @@ test predictions are the `evaluate` stage's FOLD/eval/float/; a re-run reads the
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from edge_runtime.atomic import write_json, write_text
-from edge_runtime.console import add_output_flags, print_json
+from edge_runtime.console import add_output_flags, print_json, result, say
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from oncolite.train import metrics
 from oncolite.train.rundir import RunDir
@@ -216,15 +214,16 @@ def markdown(study: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m oncolite.benchmarks.float_study", description=__doc__.split("\n\n")[0])
+def add_arguments(parser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="CV run directories; the first is the base recipe")
     parser.add_argument("--out", required=True, help="report folder (report.md, report.json)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument("--hflip", action="store_true",
                         help="also each recipe with horizontal-flip test-time augmentation (runs every model again)")
     add_output_flags(parser)
-    args = parser.parse_args(argv)
+
+
+def main(args) -> int:
     from edge_runtime.resources import shown
 
     # Recipes are compared on the folds they all have: exploring a lever on two folds before
@@ -239,15 +238,17 @@ def main(argv=None) -> int:
     study["base"], study["chosen_on_val"] = shown(study["base"]), shown(study["chosen_on_val"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m oncolite.benchmarks.float_study " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_json(out / "report.json", {**study, "command": command})
-    write_text(out / "report.md", markdown(study, command))
+    write_json(out / "report.json", {**study, "command": args.command_line})
+    write_text(out / "report.md", markdown(study, args.command_line))
     if args.json:
         print_json(study)
-    elif not args.quiet:
-        print(markdown(study, command), end="")
+    else:
+        say(args, markdown(study, args.command_line).rstrip("\n"))
+        result(args, f"report: {out / 'report.md'}: chosen on validation: {study['chosen_on_val']}")
     return EXIT_OK
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from edge_runtime.cli import run_module
+
+    raise SystemExit(run_module(__spec__.name))

@@ -20,7 +20,6 @@ top of the gptq_bias kernels with the converted model's own scales).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -30,6 +29,8 @@ import numpy as np
 
 from .pooled import CONFIDENT
 from edge_runtime.atomic import atomic_path, write_json, write_text
+from edge_runtime.console import add_output_flags, print_json, result, say
+from edge_runtime.errors import EXIT_OK, OncoliteError
 
 # name -> (weight rounding, bias correction, sequential, backend). Backends: "converter" (the TF
 # converter's full-integer int8, as export makes int8_ptq), "keras" (the Keras model with every
@@ -436,45 +437,55 @@ def markdown(results: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m oncolite.benchmarks.int8_study", description=__doc__.split("\n\n")[0])
+def add_arguments(parser) -> None:
     parser.add_argument("run", help="a run directory (a CV run with folds/<i>/, or one fold)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {','.join(RECIPES)}")
     parser.add_argument("--folds", help="comma-separated fold numbers (default: all)")
     parser.add_argument("--out", help="report folder (default: RUN/int8_study)")
     parser.add_argument("--ablation", action="store_true",
                         help="also the per-layer weight and activation ablations (needs recipe gptq_bias; ~10 min per fold here)")
-    args = parser.parse_args(argv)
+    add_output_flags(parser)
+
+
+def main(args) -> int:
     run = Path(args.run)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
-        parser.error(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
+        raise OncoliteError(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
     if args.ablation and "gptq_bias" not in recipes:
-        parser.error("--ablation reads the activation grids from recipe gptq_bias's model: add gptq_bias to --recipes")
+        raise OncoliteError("--ablation reads the activation grids from recipe gptq_bias's model: add gptq_bias to --recipes")
+    if not run.is_dir():
+        raise OncoliteError(f"{run}: no such run directory; give a trained run (a CV run with folds/<i>/, or one fold)")
     dirs = fold_dirs(run)
     if args.folds:
         wanted = {s.strip() for s in args.folds.split(",")}
         dirs = [d for d in dirs if d.name in wanted]
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    quiet = args.quiet or args.json
+    progress_line = lambda line: quiet or print(line, file=sys.stderr, flush=True)  # noqa: E731
     for d in dirs:
-        study_fold(d, recipes, run / "int8_study" / d.name, say)
+        study_fold(d, recipes, run / "int8_study" / d.name, progress_line)
         if args.ablation:
-            weight_ablation(d, run / "int8_study" / d.name, say)
-            activation_ablation(d, run / "int8_study" / d.name, say)
+            weight_ablation(d, run / "int8_study" / d.name, progress_line)
+            activation_ablation(d, run / "int8_study" / d.name, progress_line)
     from oncolite.quantize.rundir import open_run
 
     labels = open_run(dirs[0]).labels
     results = pool(run, recipes, labels, dirs)
     out = Path(args.out or run / "int8_study")
-    command = "python -m oncolite.benchmarks.int8_study " + " ".join(argv if argv is not None else sys.argv[1:])
     ablations = [pool_ablation(run, kind, dirs) for kind in ABLATIONS] if args.ablation else []
-    write_json(out / "report.json", {"command": command, "recipes": results, "ablations": ablations})
-    md = markdown(results, command) + "".join("\n".join(ablation_markdown(a)) for a in ablations)
+    write_json(out / "report.json", {"command": args.command_line, "recipes": results, "ablations": ablations})
+    md = markdown(results, args.command_line) + "".join("\n".join(ablation_markdown(a)) for a in ablations)
     write_text(out / "report.md", md)
-    print(md)
-    return 0
+    if args.json:
+        print_json({"recipes": results, "ablations": ablations})
+    else:
+        say(args, md)
+        result(args, f"report: {out / 'report.md'}: {len(recipes)} recipes over {len(dirs)} fold(s)")
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from edge_runtime.cli import run_module
+
+    raise SystemExit(run_module(__spec__.name))

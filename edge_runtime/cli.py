@@ -114,27 +114,43 @@ def _dispatch(prog: str, commands: dict, argv, groups: dict) -> int:
               file=sys.stdout if argv else sys.stderr)
         return 0 if argv else EXIT_USAGE
     name = argv[0]
-    module = importlib.import_module(commands[name][0])
-    parser = argparse.ArgumentParser(prog=f"{prog} {name}", description=commands[name][1])
+    return run_command(f"{prog} {name}", commands[name][0], commands[name][1], argv[1:])
+
+
+def run_command(prog: str, module_name: str, description: str, argv: list[str]) -> int:
+    """Parse `argv` for the command module (add_arguments, main) and run it: an OncoliteError is
+    one line and exit 2, an interrupt or a closed pipe no traceback. Also what a module run on its
+    own uses (`python -m oncolite.benchmarks.float_study`, `run_module`)."""
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_args(argv)
     # Reports and manifests record the command that made them as given, quoted so it can be pasted
     # (a BUSI file name holds spaces); with `oncolite run` that is not sys.argv.
-    args.command_line = " ".join([prog, shlex.join([name, *argv[1:]])])
-    args.command = f"{prog} {name}"
+    args.command_line = " ".join([prog, shlex.join(argv)]) if argv else prog
+    args.command = prog
     try:
         return int(module.main(args) or 0)
     except OncoliteError as e:
-        print(f"{prog} {name}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"{prog} {name}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`... | head`): stop as a pipe's writer does, without a traceback;
         # stdout goes to devnull so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # SIGPIPE
+
+
+def run_module(module_name: str, argv=None) -> int:
+    """`python -m MODULE` of a command module that is not an `oncolite` command (the studies):
+    the commands' parsing, quiet TensorFlow import and one-line errors."""
+    module = importlib.import_module(module_name)
+    with quiet_tensorflow_logs():
+        return run_command(f"python -m {module_name}", module_name, module.__doc__.split("\n\n")[0],
+                           list(sys.argv[1:] if argv is None else argv))
 
 
 def version() -> str:

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from edge_runtime.cli import run_module
 from edge_runtime.errors import OncoliteError
 from oncolite.benchmarks import float_study
 from oncolite.train import metrics
@@ -74,7 +75,8 @@ def test_main_compares_recipes_on_the_folds_they_all_have(tmp_path):
     """A lever explored on two folds is compared with the base on those two, and says so."""
     base = _make_run(tmp_path, "base", noise=1.0, config_change={})
     explored = _make_run(tmp_path, "explored", noise=1.0, config_change={"ema": 0.99}, folds=2)
-    assert float_study.main([str(base), str(explored), "--out", str(tmp_path / "out"), "--bootstrap", "20", "--quiet"]) == 0
+    assert run_module("oncolite.benchmarks.float_study",
+                      [str(base), str(explored), "--out", str(tmp_path / "out"), "--bootstrap", "20", "--quiet"]) == 0
     study = json.loads((tmp_path / "out" / "report.json").read_text())
     assert study["fold_names"] == ["0", "1"] and study["n"] == {"val": 80, "test": 80}
     assert "Folds 0, 1 of one manifest" in (tmp_path / "out" / "report.md").read_text()
@@ -116,3 +118,11 @@ def test_hflip_averages_each_model_with_its_mirrored_images_and_reports_the_gain
     assert tta["accuracy"]["value"] > study["recipes"][0]["test"]["accuracy"]["value"]
     assert tta["delta"]["accuracy"]["value"] > 0
     assert "horizontal-flip test-time augmentation" in float_study.markdown(study, "cmd")
+
+
+def test_a_run_that_is_missing_or_untrained_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "split-only" / "folds" / "0").mkdir(parents=True)
+    for run, says in ((tmp_path / "nowhere", "no such run directory"), (tmp_path / "split-only", "no fold is trained yet")):
+        assert run_module("oncolite.benchmarks.float_study", [str(run), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
