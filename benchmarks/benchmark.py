@@ -377,7 +377,7 @@ def predict_all(models: dict, items: list, labels: list, prep, run, quiet: bool)
     """N x C probabilities of every model on the same items, all with the variants' preprocessing,
     and each model's operating point (None: argmax): the run's threshold.json for the float
     model, the one stored with each variant for the rest."""
-    from oncolite.train.evaluate import load_predictor, predict_items
+    from oncolite.train.predictor import load_predictor, predict_items
 
     probs, rules = {}, {}
     for name, path in progress(models.items(), total=len(models), desc="predicting", quiet=quiet, unit="model"):
@@ -665,7 +665,7 @@ def run_byo_benchmark(float_model, tflite_paths, data=None, manifest=None, side=
     from edge_runtime.model import EdgeModel
     from oncolite.quantize import byo
     from oncolite.quantize.rundir import ModelRun
-    from oncolite.train.evaluate import Predictor, predict_items
+    from oncolite.train.predictor import Predictor, predict_items
 
     if not float_model:
         raise OncoliteError("give your float model with --float MODEL: every .tflite file is compared with it")

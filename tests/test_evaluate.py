@@ -171,7 +171,7 @@ def test_keras_run_dir_target_sensitivity_is_chosen_on_val_and_applied_unchanged
 
 
 def test_predict_items_equals_the_model_on_preprocessed_images(binary_run):
-    from oncolite.train.evaluate import predict_items
+    from oncolite.train.predictor import predict_items
 
     b = binary_run
     tests = [{**item, "path": str(b["folder"] / item["path"])} for item in b["items"] if item["split"] == "test"]
