@@ -38,7 +38,7 @@ import numpy as np
 
 from edge_runtime.atomic import atomic_path, write_bytes, write_json
 from edge_runtime.backends import make_interpreter
-from edge_runtime.console import (Log, add_output_flags, native_log_level, native_stderr_filtered, old_spelling,
+from edge_runtime.console import (Log, add_output_flags, native_log_level, native_stderr_filtered,
                                   print_json, progress, result, say)
 from edge_runtime.decision import margin_errors
 from edge_runtime.errors import EXIT_OK, OncoliteError
@@ -49,7 +49,7 @@ from edge_runtime.variants import INT8_CANDIDATES, SELECTABLE, VARIANTS, io_type
 from . import checks
 from .rundir import Run, open_run
 from oncolite.train.config import add_set_argument, with_overrides
-from oncolite.train.rundir import FLOAT_MODEL, QAT_MODEL, RunDir
+from oncolite.train.rundir import FLOAT_MODEL, QAT_MODEL, RunDir, given_run
 
 SELECTIVE_VARIANT = "int8_ptq_selective"
 IO_CHOICES = ("int8", "uint8", "float")
@@ -538,30 +538,11 @@ def byo_variants(text: str | None, default: list[str]) -> list[str]:
     return [v for v in parse_variants(text, default) if v != "int8_qat"]
 
 
-def given_run_dir(args, command: str) -> str:
-    """RUN_DIR, from its place or from the old spelling `--run RUN_DIR` (with a note); refused at
-    once when it does not exist. Shared by `export` and `quantize`."""
-    if args.old_run:
-        if args.run_dir:
-            raise OncoliteError(f"--run {args.old_run} and {args.run_dir}: give the run directory once, first")
-        old_spelling(args, f"--run {args.old_run}", f"oncolite {command} {args.old_run} ...")
-        args.run_dir = args.old_run
-    if not args.run_dir:
-        raise OncoliteError(f"which run? give its directory: oncolite {command} RUN_DIR")
-    path = Path(args.run_dir)
-    if not path.exists():
-        if path.suffix.lower() in (".keras", ".h5"):
-            raise OncoliteError(f"{path}: no such model file; check the path")
-        raise OncoliteError(f"{path}: no such run directory; check the path, or train one with "
-                            f"`oncolite train {path} --manifest M`")
-    return args.run_dir
-
-
 def main(args) -> int:
     from .byo import is_model_path
     from .debug import gate_report, write_report
 
-    given_run_dir(args, "export")
+    given_run(args, "export")
     byo = is_model_path(args.run_dir)
     if byo:
         run = open_model_run(args)

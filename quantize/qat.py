@@ -422,9 +422,9 @@ def forget_qat(run: Run) -> None:
 
 
 def main(args) -> int:
-    from .export import given_run_dir
+    from oncolite.train.rundir import given_run
 
-    run = open_run(given_run_dir(args, "quantize"))
+    run = open_run(given_run(args, "quantize"))
     run.config = with_overrides(run.config, args.set, "qat")
     settings = qat_settings(run.config, epochs=args.epochs, lr=args.lr)
     if args.force:

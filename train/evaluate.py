@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 from edge_runtime.atomic import atomic_path, write_json, write_text
-from edge_runtime.console import add_output_flags, old_spelling, print_json, result, say
+from edge_runtime.console import add_output_flags, print_json, result, say
 from edge_runtime.errors import EXIT_OK, ModelError, OncoliteError
 from edge_runtime.hashing import file_sha256
 from edge_runtime.preprocess import open_image
 from . import metrics
 from .plots import draw_confusion, pyplot, save_png
 from .predictor import Predictor, load_predictor, predict_items, resolve_model
-from .rundir import THRESHOLD, RunDir
+from .rundir import THRESHOLD, RunDir, given_run
 
 FORMAT = "oncolite-eval/1"
 CONTACT_SHEET_SIZE = 16  # the most confident mistakes shown as thumbnails
@@ -359,27 +359,9 @@ def add_arguments(parser) -> None:
     add_output_flags(parser)
 
 
-def given_model(args) -> str:
-    """MODEL (or RUN_DIR), from its place or from the old spelling `--run RUN_DIR` (with a note);
-    refused at once when it does not exist."""
-    if args.old_run:
-        if args.model:
-            raise OncoliteError(f"--run {args.old_run} and {args.model}: give the run directory once, first")
-        old_spelling(args, f"--run {args.old_run}", f"oncolite evaluate {args.old_run} ...")
-        args.model = args.old_run
-    if not args.model:
-        raise OncoliteError("which model? give a run directory or a .keras/.tflite model: oncolite evaluate RUN_DIR")
-    path = Path(args.model)
-    if not path.exists():
-        if path.suffix.lower() in (".keras", ".h5", ".tflite"):
-            raise OncoliteError(f"{path}: no such model file; check the path")
-        raise OncoliteError(f"{path}: no such run directory; check the path, or train one with "
-                            f"`oncolite train {path} --manifest M`")
-    return args.model
-
-
 def main(args) -> int:
-    given_model(args)
+    given_run(args, "evaluate", attr="model",
+              missing="which model? give a run directory or a .keras/.tflite model: oncolite evaluate RUN_DIR")
     threshold = args.threshold
     if threshold not in ("auto", "none"):
         try:

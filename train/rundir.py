@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edge_runtime.console import old_spelling
 from edge_runtime.errors import OncoliteError
 from .config import PROVENANCE_KEY, stored_config
 
@@ -240,3 +241,25 @@ class RunDir:
         """The folds present (folds/<number>/), in number order; [] for a run of one split."""
         found = [p for p in (self.path / "folds").glob("[0-9]*") if p.is_dir() and p.name.isdigit()]
         return [RunDir(p) for p in sorted(found, key=lambda p: int(p.name))]
+
+
+def given_run(args, command: str, attr: str = "run_dir", missing: str | None = None) -> str:
+    """The RUN_DIR (or MODEL, `attr`) a stage command was given, from its place or from the old
+    spelling `--run RUN_DIR` (with a note); refused at once when it does not exist, naming a
+    missing model file as such."""
+    given = getattr(args, attr)
+    if args.old_run:
+        if given:
+            raise OncoliteError(f"--run {args.old_run} and {given}: give the run directory once, first")
+        old_spelling(args, f"--run {args.old_run}", f"oncolite {command} {args.old_run} ...")
+        given = args.old_run
+        setattr(args, attr, given)
+    if not given:
+        raise OncoliteError(missing or f"which run? give its directory: oncolite {command} RUN_DIR")
+    path = Path(given)
+    if not path.exists():
+        if path.suffix.lower() in (".keras", ".h5", ".tflite"):
+            raise OncoliteError(f"{path}: no such model file; check the path")
+        raise OncoliteError(f"{path}: no such run directory; check the path, or train one with "
+                            f"`oncolite train {path} --manifest M`")
+    return given
