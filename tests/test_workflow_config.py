@@ -173,3 +173,19 @@ def test_a_weights_file_of_another_width_is_one_line_and_leaves_no_run_directory
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and "not MobileNetV2 alpha 0.35 backbone weights" in result.stderr
     assert "--set weights=null" in result.stderr and not run.exists()
+
+
+def test_config_shows_a_profiles_values_beside_the_defaults(capsys):
+    """`oncolite config --profile quick` prints what the quick profile trains with, from its file."""
+    from oncolite.cli import main as oncolite
+
+    quick = load_config(profile="quick")
+    assert oncolite(["config", "input_size", "head_epochs", "--profile", "quick", "-q"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"input_size = {quick['input_size']}",
+                                                    f"head_epochs = {quick['head_epochs']}"]
+    assert oncolite(["config", "input_size", "--profile", "quick"]) == 0
+    out = capsys.readouterr().out
+    assert f"(default {load_config()['input_size']})" in out and "profile quick" in out
+    assert oncolite(["config", "input_size", "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)["settings"][0]
+    assert entry["value"] == entry["default"] == load_config()["input_size"]

@@ -488,11 +488,12 @@ def preprocessing(config: dict) -> Preprocessing:
                          std=config["std"], resample=config["resample"])
 
 
-def describe(keys: list[str] | None = None) -> list[dict]:
-    """Each setting (or those under `keys`) with its default, what it accepts and what it does,
-    in DOCS' order (configs/defaults.json's)."""
+def describe(keys: list[str] | None = None, dataset: str | None = None, profile: str | None = None) -> list[dict]:
+    """Each setting (or those under `keys`) with its default, its value under a dataset and
+    profile, what it accepts and what it does, in DOCS' order (configs/defaults.json's)."""
     defaults = read_config_file(DEFAULTS_PATH)
-    return [{"key": key, "default": _lookup(defaults, key), "doc": doc,
+    values = load_config(dataset=dataset, profile=profile) if dataset or profile else defaults
+    return [{"key": key, "default": _lookup(defaults, key), "value": _lookup(values, key), "doc": doc,
              "accepts": RULES[key][1] if key in RULES else '"imagenet", null or the path of a .h5 file'}
             for key, doc in DOCS.items() if not keys or any(key == k or key.startswith(f"{k}.") for k in keys)]
 
@@ -501,6 +502,8 @@ def add_arguments(parser) -> None:
     from edge_runtime.console import add_output_flags
 
     parser.add_argument("keys", nargs="*", metavar="KEY", help="settings or sections to show (default: all), e.g. qat export.gate")
+    parser.add_argument("--profile", choices=available("profiles"), help="show the values under this profile (e.g. quick)")
+    parser.add_argument("--dataset", choices=available("datasets"), help="show the values under this dataset's defaults")
     add_output_flags(parser)
 
 
@@ -512,13 +515,20 @@ def main(args) -> int:
     for key in args.keys:
         if key not in names:
             raise ConfigError(f"no setting named {key}{did_you_mean(key, names)}; `oncolite config` lists them all")
-    settings = describe(args.keys)
+    settings = describe(args.keys, args.dataset, args.profile)
+    layers = " + ".join(filter(None, ["defaults", args.profile and f"profile {args.profile}",
+                                      args.dataset and f"dataset {args.dataset}"]))  # load_config's order
     if args.json:
-        print_json({"defaults": str(DEFAULTS_PATH), "settings": settings})
+        print_json({"defaults": str(DEFAULTS_PATH), "values_of": layers, "settings": settings})
         return 0
     if args.quiet:  # the values alone, one `KEY = VALUE` line per setting: `oncolite config qat.lr -q` is one line
-        print("\n".join(f"{s['key']} = {json.dumps(s['default'])}" for s in settings))
+        print("\n".join(f"{s['key']} = {json.dumps(s['value'])}" for s in settings))
         return 0
-    print("\n".join(f"{s['key']} = {json.dumps(s['default'])}\n    {s['doc']}; accepts {s['accepts']}" for s in settings))
-    print(f"\n(defaults: {DEFAULTS_PATH}; change one with --set KEY=VALUE or a --config file)")
+
+    def shown(s):
+        changed = f" (default {json.dumps(s['default'])})" if s["value"] != s["default"] else ""
+        return f"{s['key']} = {json.dumps(s['value'])}{changed}\n    {s['doc']}; accepts {s['accepts']}"
+
+    print("\n".join(shown(s) for s in settings))
+    print(f"\n(values: {layers}; defaults: {DEFAULTS_PATH}; change one with --set KEY=VALUE or a --config file)")
     return 0
