@@ -140,7 +140,6 @@ EXAMPLES: dict[str, Run | str] = {
     "oncolite export runs/busi-full/folds/<i> --variants ...": NOT_RUN_PUBLISHED,
     "oncolite benchmark runs/busi-full/folds/<i> --no-timing": NOT_RUN_PUBLISHED,
     "oncolite benchmark runs/busi-full/folds/0": NOT_RUN_PUBLISHED,
-    "oncolite config": NOT_RUN_MENTION,
     "python -m edge_runtime predict|serve|bench|info|slidemap": NOT_RUN_MENTION,
     "oncolite train RUN_DIR": NOT_RUN_MENTION,
     "oncolite export": NOT_RUN_MENTION,
