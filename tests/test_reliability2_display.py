@@ -75,8 +75,11 @@ def test_without_a_band_the_flag_is_null(tmp_path):
 
 
 def test_the_page_has_a_place_for_the_rule_and_a_neutral_flag(client):
-    html, js, css = (client.get(p).text for p in ("/", "/static/app.js", "/static/app.css"))
-    assert 'id="rule"' in html and 'id="uncertain"' in html and "second reader" in html
+    html, js, answer, css = (client.get(p).text for p in ("/", "/static/app.js", "/static/answer.js", "/static/app.css"))
+    # The page holds an empty answer block; answer.js (shared with the in-browser page) fills it.
+    assert 'id="answer"' in html and 'from "./answer.js"' in js.replace("'", '"')
+    assert 'part("p", "rule", "rule"' in answer and 'part("p", "uncertain", "uncertain"' in answer
+    assert "second reader" in answer
     assert "result.decision_rule" in js and "result.uncertain === true" in js
     assert ".label.tone-uncertain { color: var(--neutral); }" in css
     assert "--neutral: #4f5d75;" in css  # slate: neither the red nor the green of the classes
