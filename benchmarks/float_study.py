@@ -27,7 +27,6 @@ from edge_runtime.errors import EXIT_OK, OncoliteError
 from oncolite.train import metrics
 from oncolite.train.rundir import RunDir
 
-from .int8_study import fold_dirs
 
 SIDE_DIRS = {"val": "float_val", "test": "float"}  # FOLD/eval/<dir>/predictions.csv
 REPORTED = ("accuracy", "mcc", "macro_roc_auc")
@@ -93,11 +92,11 @@ def trained_folds(run: Path) -> list[str]:
     if not run.is_dir():
         raise OncoliteError(f"{run}: no such run directory; give the folder of a cross-validation run "
                             "(`oncolite run RUN_DIR --profile full --until evaluate`)")
-    folds = fold_dirs(run)
-    if folds == [run]:
+    folds = RunDir(run).folds()
+    if not folds:
         raise OncoliteError(f"{run}: not a cross-validation run (no folds/<i>/); make one with "
                             f"`oncolite run {run} --folds 5 --until evaluate`")
-    trained = [f.name for f in folds if RunDir(f).float_model.is_file() or RunDir(f).eval_dir("float").is_dir()]
+    trained = [f.path.name for f in folds if f.float_model.is_file() or f.eval_dir("float").is_dir()]
     if not trained:
         raise OncoliteError(f"{run}: no fold is trained yet; train them with `oncolite run {run} --until evaluate`")
     return trained
