@@ -192,6 +192,25 @@ def test_augmentation_changes_pixels_not_labels_or_range(tmp_path):
     assert xa.numpy().min() >= -1.0 - 1e-5 and xa.numpy().max() <= 1.0 + 1e-5  # reflect fill, clipped jitter
 
 
+
+def test_ultrasound_gamma_and_speckle_keep_grayscale_black_and_range():
+    import tensorflow as tf
+    from oncolite.train.config import preprocessing
+    from oncolite.train.data import gamma_and_speckle
+
+    prep = preprocessing(load_config(overrides={"input_size": 32}))
+    pixels = np.zeros((4, 16, 16, 3), np.float32)
+    pixels[:, :, 8:] = 200.0  # half black, half bright, the same in every channel (a grayscale scan)
+    images = tf.constant((pixels - np.array(prep.mean)) / np.array(prep.std), tf.float32)
+    out = gamma_and_speckle(images, 0.3, 0.2, prep, tf.random.Generator.from_seed(0)).numpy()
+    back = out * np.array(prep.std) + np.array(prep.mean)
+    assert np.allclose(back[..., 0], back[..., 1], atol=1e-3) and np.allclose(back[..., 0], back[..., 2], atol=1e-3)
+    assert np.allclose(back[:, :, :8], 0.0, atol=1e-3)  # multiplicative: black stays black
+    bright = back[:, :, 8:, 0]
+    assert bright.std() > 1.0 and bright.min() >= 0.0 and bright.max() <= 255.0 + 1e-3
+    assert not np.allclose(bright.mean(axis=(1, 2)), bright.mean())  # the gain curve differs per image
+
+
 # ---------------------------------------------------------------- training
 
 def test_learns_a_planted_task_well_above_chance(tmp_path):

@@ -162,6 +162,8 @@ def augmenter(augment: dict, prep: Preprocessing, seed: int = 0):
             images = random_transpose(images, rng)
         if augment.get("color_jitter"):
             images = color_jitter(images, augment["color_jitter"], prep, rng)
+        if augment.get("gamma") or augment.get("speckle"):
+            images = gamma_and_speckle(images, augment.get("gamma", 0), augment.get("speckle", 0), prep, rng)
         return images, labels
 
     return fn
@@ -202,4 +204,23 @@ def color_jitter(images: tf.Tensor, strength: float, prep: Preprocessing, rng: t
     pixels = (pixels - image_mean) * contrast + image_mean
     gray = tf.reduce_mean(pixels, axis=3, keepdims=True)
     pixels = tf.clip_by_value((pixels - gray) * saturation + gray, 0.0, 1.0)
+    return (pixels - mean) / std
+
+
+def gamma_and_speckle(images: tf.Tensor, gamma: float, speckle: float, prep: Preprocessing,
+                      rng: tf.random.Generator) -> tf.Tensor:
+    """Ultrasound's own variation: a per-image gain curve (pixels ** g, g in [1 - gamma, 1 + gamma])
+    and multiplicative speckle (each pixel times 1 + sd * N(0, 1), the same for the three channels
+    of a grayscale scan, sd drawn per image up to `speckle`), on [0, 1] pixels."""
+    mean = tf.constant(prep.mean, tf.float32) / 255.0
+    std = tf.constant(prep.std, tf.float32) / 255.0
+    pixels = tf.clip_by_value(images * std + mean, 0.0, 1.0)
+    batch = tf.shape(images)[0]
+    if gamma:
+        g = rng.uniform((batch, 1, 1, 1), 1.0 - gamma, 1.0 + gamma)
+        pixels = tf.pow(pixels, g)
+    if speckle:
+        sd = rng.uniform((batch, 1, 1, 1), 0.0, speckle)
+        noise = rng.normal(tf.concat([tf.shape(images)[:3], [1]], axis=0))
+        pixels = tf.clip_by_value(pixels * (1.0 + sd * noise), 0.0, 1.0)
     return (pixels - mean) / std
