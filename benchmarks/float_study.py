@@ -8,6 +8,9 @@ With k folds every image is held out once, so each recipe's figures pool all of 
 pooled test figures are what the choice is then worth. Differences to BASE come from a paired
 bootstrap over the same images, so they say whether a lever helps beyond resampling noise. The
 cost column is the training time here (the sum of the epochs' seconds in train/history.csv).
+`--ensemble` adds the mean of every recipe's probabilities: several networks, not deployable, but
+the ceiling that distilling them into one MobileNetV2 could approach (and so whether it is worth
+its cost); it is never the chosen recipe.
 
 Each fold's validation predictions are written once to FOLD/eval/float_val/ (by `evaluate`), its
 test predictions are the `evaluate` stage's FOLD/eval/float/; a re-run reads them back.
@@ -121,6 +124,22 @@ def collect(run: Path, folds: list[str], quiet: bool, hflip: bool = False) -> di
             "train_seconds": seconds}
 
 
+def ensemble_of(recipes: list[dict]) -> dict:
+    """The mean of the recipes' probabilities on the same images, as one more row of the study."""
+    base = recipes[0]
+    for r in recipes[1:]:
+        for side in SIDE_DIRS:
+            if r["sides"][side]["images"] != base["sides"][side]["images"]:
+                raise OncoliteError(f"{r['run']}: its {side} images differ from {base['run']}'s; "
+                                    "train every recipe on the same manifest and folds")
+    sides = {side: {**base["sides"][side], "probs": np.mean([r["sides"][side]["probs"] for r in recipes], axis=0)}
+             for side in SIDE_DIRS}
+    for data in sides.values():
+        data.pop("hflip_probs", None)
+    return {**base, "run": f"ensemble of {len(recipes)} recipes", "ensemble": len(recipes), "sides": sides,
+            "train_seconds": [sum(s) for s in zip(*(r["train_seconds"] for r in recipes))]}
+
+
 def per_fold(y, probs, sizes, key) -> list[float]:
     out, start = [], 0
     for n in sizes:
@@ -136,7 +155,7 @@ def compare(recipes: list[dict], bootstrap: int) -> dict:
     rows = []
     for r in recipes:
         entry = {"run": str(r["run"]), "changes": recipe_changes(r["config"], base["config"]), "folds": r["folds"],
-                 "train_minutes": round(sum(r["train_seconds"]) / 60, 1)}
+                 "train_minutes": round(sum(r["train_seconds"]) / 60, 1), "ensemble": r.get("ensemble", 0)}
         for side, data in r["sides"].items():
             ref = base["sides"][side]
             if data["images"] != ref["images"]:
@@ -153,7 +172,7 @@ def compare(recipes: list[dict], bootstrap: int) -> dict:
                                         "delta": metrics.paired_deltas(data["y"], data["probs"], data["hflip_probs"],
                                                                        bootstrap=bootstrap)}
         rows.append(entry)
-    chosen = max(rows, key=lambda e: (e["val"]["mcc"]["value"], e["val"]["accuracy"]["value"]))
+    chosen = max((e for e in rows if not e["ensemble"]), key=lambda e: (e["val"]["mcc"]["value"], e["val"]["accuracy"]["value"]))
     n = {side: len(base["sides"][side]["y"]) for side in SIDE_DIRS}
     return {"base": str(base["run"]), "n": n, "folds": base["folds"], "fold_names": base["fold_names"], "recipes": rows,
             "chosen_on_val": chosen["run"]}
@@ -173,6 +192,8 @@ def _delta(d) -> str:
 
 def markdown(study: dict, command: str) -> str:
     def name(e):
+        if e["ensemble"]:
+            return f"ensemble of the {e['ensemble']} recipes above (mean probabilities; not deployable)"
         changes = ", ".join(f"{k}={v}" for k, v in e["changes"].items())
         return f"`{changes}`" if changes else "base recipe"
 
@@ -204,7 +225,7 @@ def markdown(study: dict, command: str) -> str:
                   "model without it.", "",
                   "| recipe | val accuracy | val MCC | Δ val accuracy | Δ val MCC | test accuracy | test MCC | test ROC-AUC | "
                   "Δ test accuracy | Δ test MCC |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for e in study["recipes"]:
+        for e in (e for e in study["recipes"] if "hflip" in e["val"]):
             v, t = e["val"]["hflip"], e["test"]["hflip"]
             lines.append(f"| {name(e)} | {_cell(v['accuracy'])} | {_cell(v['mcc'])} | {_delta(v['delta']['accuracy'])} | "
                          f"{_delta(v['delta']['mcc'])} | {_cell(t['accuracy'])} | {_cell(t['mcc'])} | "
@@ -219,6 +240,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument("--hflip", action="store_true",
                         help="also each recipe with horizontal-flip test-time augmentation (runs every model again)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="also the mean of all recipes' probabilities: the ceiling distillation could approach")
     add_output_flags(parser)
 
 
@@ -231,6 +254,8 @@ def main(args) -> int:
     if not folds:
         raise OncoliteError("the runs have no trained fold in common; train the same folds of one manifest")
     recipes = [collect(Path(run), folds, args.quiet or args.json, args.hflip) for run in args.runs]
+    if args.ensemble:
+        recipes.append(ensemble_of(recipes))
     study = compare(recipes, args.bootstrap)
     for e in study["recipes"]:
         e["run"] = shown(e["run"])

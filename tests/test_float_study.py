@@ -82,6 +82,22 @@ def test_main_compares_recipes_on_the_folds_they_all_have(tmp_path):
     assert "Folds 0, 1 of one manifest" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_ensemble_row_is_the_mean_of_the_recipes_and_never_chosen(tmp_path):
+    """Two noisy recipes with independent errors: their mean beats both on validation, yet the
+    study still chooses a single network, the only kind the device runs."""
+    runs = [_make_run(tmp_path, f"r{seed}", noise=2.0, config_change={"seed": seed}, seed=seed) for seed in (0, 1)]
+    recipes = [float_study.collect(run, FOLDS, True) for run in runs]
+    recipes.append(float_study.ensemble_of(recipes))
+    mean = (recipes[0]["sides"]["test"]["probs"] + recipes[1]["sides"]["test"]["probs"]) / 2
+    assert np.allclose(recipes[2]["sides"]["test"]["probs"], mean)
+    study = float_study.compare(recipes, bootstrap=50)
+    ensemble = study["recipes"][2]
+    assert ensemble["ensemble"] == 2 and ensemble["train_minutes"] == 12.0
+    assert ensemble["val"]["accuracy"]["value"] > max(r["val"]["accuracy"]["value"] for r in study["recipes"][:2])
+    assert study["chosen_on_val"] in {str(run) for run in runs}
+    assert "ensemble of the 2 recipes above" in float_study.markdown(study, "cmd")
+
+
 def test_paired_deltas_of_a_model_with_itself_are_exactly_zero():
     rng = np.random.default_rng(3)
     y = rng.integers(0, 3, 90)
