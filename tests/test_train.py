@@ -417,9 +417,27 @@ def test_label_smoothing_loss_is_the_smoothed_cross_entropy():
     assert np.allclose(loss, -(targets * np.log(probs.numpy())).sum(axis=1), atol=1e-5)
 
 
-def test_weight_decay_and_label_smoothing_train_and_the_model_loads_anywhere(tmp_path):
-    """AdamW shrinks the trained weights against plain Adam on the same run; the saved float
-    model carries no custom loss, so plain Keras loads it compiled or not."""
+def test_mixup_blends_each_image_and_its_target_by_the_same_weight():
+    import tensorflow as tf
+
+    from oncolite.train.data import mixer
+
+    images = tf.constant(np.arange(8, dtype=np.float32).reshape(8, 1, 1, 1) * np.ones((8, 4, 4, 3), np.float32))
+    labels = tf.constant([0, 1, 2, 0, 1, 2, 0, 1])
+    mixed, targets = mixer(0.4, 3, seed=0)(images, labels)
+    mixed, targets = mixed.numpy(), targets.numpy()
+    assert targets.shape == (8, 3) and np.allclose(targets.sum(axis=1), 1.0)
+    assert np.allclose(mixed, mixed[:, :1, :1, :1])  # a blend of two flat images is flat
+    blended = targets.max(axis=1) < 1 - 1e-3
+    assert blended.any()  # Beta(0.4, 0.4) weights are rarely exactly 0 or 1
+    # Each blended value lies between the smallest and largest image values, as a convex mix does.
+    assert mixed.min() >= 0.0 and mixed.max() <= 7.0 and not np.allclose(mixed[:, 0, 0, 0], np.arange(8))
+
+
+def test_weight_decay_label_smoothing_and_mixup_train_and_the_model_loads_anywhere(tmp_path):
+    """AdamW shrinks the trained weights against plain Adam on the same run (mixup's soft targets
+    and the class weights train together); the saved float model carries no custom loss, so plain
+    Keras loads it compiled or not."""
     import tf_keras as keras
 
     from oncolite.train.train import train_run
@@ -427,7 +445,7 @@ def test_weight_decay_and_label_smoothing_train_and_the_model_loads_anywhere(tmp
     manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR, counts=(24, 8, 8)))
     short = {**PRETRAINED, "head_epochs": 2, "finetune_epochs": 0, "head_lr": 0.01, "seed": 3, "deterministic": True}
     norms = {}
-    for name, extra in (("adam", {}), ("adamw", {"weight_decay": 0.5, "label_smoothing": 0.2})):
+    for name, extra in (("adam", {}), ("adamw", {"weight_decay": 0.5, "label_smoothing": 0.2, "mixup": 0.4})):
         train_run(tmp_path / name, manifest, load_config(overrides={**short, **extra}), {"manifest": str(manifest.path)},
                   quiet=True)
         model = keras.models.load_model(tmp_path / name / "models" / "float.keras", safe_mode=True)

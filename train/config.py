@@ -265,6 +265,7 @@ RULES = {
     "lr_schedule": _one_of("constant", "cosine", "plateau"),
     "weight_decay": _number(0, 1),
     "label_smoothing": _number(0, 1),
+    "mixup": _number(0, 10, high_open=False),
     "ema": _number(0, 1),
     "train_fraction": _number(0, 1, low_open=True, high_open=False),
     "class_weights": _BOOL,
@@ -333,6 +334,7 @@ DOCS = {
     "lr_schedule": "learning rate over a phase: constant, cosine decay, or halved on a plateau",
     "weight_decay": "decoupled weight decay (AdamW) per step, relative to the learning rate; 0: plain Adam",
     "label_smoothing": "share of each one-hot target spread evenly over the classes (0: none)",
+    "mixup": "mixup's Beta(a, a) parameter: each training image blended with another of its batch, targets alike (0: none)",
     "train_fraction": "share of the training side that trains (whole duplicate groups, per class, fixed by `seed`): "
                       "below 1 for a learning curve",
     "ema": "decay of an exponential moving average of the weights, updated every step; validation, the best "

@@ -63,13 +63,14 @@ def should_cache(n_items: int, prep: Preprocessing, cache) -> bool:
 
 def make_dataset(items: list[dict], labels: list[str], prep: Preprocessing, batch_size: int,
                  augment: dict | None = None, shuffle: bool = False, seed: int = 0, cache="auto",
-                 oversample: bool = False) -> tf.data.Dataset:
+                 oversample: bool = False, mixup: float = 0.0) -> tf.data.Dataset:
     """Batches of (float32 normalized image, int32 label index).
 
     cache: True keeps the preprocessed images in memory after the first pass, False streams
     them from disk every epoch, "auto" decides by size. oversample: every class drawn equally
     often (random oversampling of the minority classes); an epoch then holds
-    n_classes x largest-class-count images.
+    n_classes x largest-class-count images. mixup: Beta parameter of mixup (Zhang et al., ICLR
+    2018); labels then come as one-hot rows blended like their images.
     """
     if not items:
         raise ManifestError("no images on this side of the manifest; check the split")
@@ -87,6 +88,8 @@ def make_dataset(items: list[dict], labels: list[str], prep: Preprocessing, batc
     ds = ds.batch(batch_size)
     if augment and any(augment.values()):
         ds = ds.map(augmenter(augment, prep, seed), num_parallel_calls=tf.data.AUTOTUNE)
+    if mixup:
+        ds = ds.map(mixer(mixup, len(labels), seed), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -165,6 +168,26 @@ def augmenter(augment: dict, prep: Preprocessing, seed: int = 0):
         if augment.get("gamma") or augment.get("speckle"):
             images = gamma_and_speckle(images, augment.get("gamma", 0), augment.get("speckle", 0), prep, rng)
         return images, labels
+
+    return fn
+
+
+def mixer(alpha: float, n_classes: int, seed: int = 0):
+    """A batched (images, label indices) -> (images, one-hot targets) function: every image blended
+    with another image of the batch by a weight drawn from Beta(alpha, alpha), its target alike."""
+    rng = tf.random.Generator.from_seed(seed + 7)
+
+    def fn(images, labels):
+        batch = tf.shape(images)[0]
+        # Beta(a, a) as G1 / (G1 + G2) with two Gamma(a) draws (tf.random has no Beta sampler).
+        g = tf.random.stateless_gamma((2, batch), seed=rng.make_seeds(1)[:, 0], alpha=alpha)
+        weight = g[0] / (g[0] + g[1] + 1e-12)
+        partner = tf.argsort(rng.uniform((batch,)))
+        targets = tf.one_hot(labels, n_classes)
+        w = tf.reshape(weight, (-1, 1, 1, 1))
+        images = w * images + (1.0 - w) * tf.gather(images, partner)
+        w = tf.reshape(weight, (-1, 1))
+        return images, w * targets + (1.0 - w) * tf.gather(targets, partner)
 
     return fn
 

@@ -428,7 +428,7 @@ class Trainer:
                 optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
             else:
                 optimizer = keras.optimizers.Adam(lr)
-            model.compile(optimizer=optimizer, loss=training_loss(len(self.labels), c["label_smoothing"]),
+            model.compile(optimizer=optimizer, loss=training_loss(len(self.labels), c["label_smoothing"], c["mixup"]),
                           metrics=["accuracy"])
             # Slot variables exist before a restore, so the optimizer state comes back exactly.
             model.optimizer.build(model.trainable_variables)
@@ -457,7 +457,7 @@ class Trainer:
         c = self.config
         oversample = bool(c["oversample"])
         train_ds = make_dataset(self.sides["train"], self.labels, self.prep, c["batch_size"], augment=c["augment"],
-                                shuffle=True, seed=c["seed"], cache=c["cache"], oversample=oversample)
+                                shuffle=True, seed=c["seed"], cache=c["cache"], oversample=oversample, mixup=c["mixup"])
         val_ds = make_dataset(self.sides["val"], self.labels, self.prep, c["batch_size"], cache=c["cache"])
         weights = None
         if c["class_weights"] and not oversample:  # oversampling already balances the classes
@@ -659,12 +659,15 @@ def training_subset(items: list[dict], fraction: float, seed: int) -> list[dict]
     return [item for item in items if (item["label"], item["group"]) in chosen]
 
 
-def training_loss(n_classes: int, label_smoothing: float):
+def training_loss(n_classes: int, label_smoothing: float, mixup: float = 0.0):
     """Cross-entropy on integer labels, with the one-hot targets smoothed towards uniform by
-    `label_smoothing` (tf-keras' sparse loss has no smoothing of its own)."""
+    `label_smoothing` (tf-keras' sparse loss has no smoothing of its own); with `mixup` the
+    dataset gives blended one-hot targets, and the loss takes them as they are."""
     import tensorflow as tf
     import tf_keras as keras
 
+    if mixup:
+        return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
     if not label_smoothing:
         return "sparse_categorical_crossentropy"
 
