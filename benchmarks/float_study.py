@@ -124,14 +124,19 @@ def collect(run: Path, folds: list[str], quiet: bool, hflip: bool = False) -> di
             "train_seconds": seconds}
 
 
+def refuse_other_images(recipe: dict, base: dict, side: str) -> None:
+    """Recipes are compared image by image: one trained on other folds or another manifest is refused."""
+    if recipe["sides"][side]["images"] != base["sides"][side]["images"]:
+        raise OncoliteError(f"{recipe['run']}: its {side} images differ from {base['run']}'s; "
+                            "train every recipe on the same manifest and folds")
+
+
 def ensemble_of(recipes: list[dict]) -> dict:
     """The mean of the recipes' probabilities on the same images, as one more row of the study."""
     base = recipes[0]
     for r in recipes[1:]:
         for side in SIDE_DIRS:
-            if r["sides"][side]["images"] != base["sides"][side]["images"]:
-                raise OncoliteError(f"{r['run']}: its {side} images differ from {base['run']}'s; "
-                                    "train every recipe on the same manifest and folds")
+            refuse_other_images(r, base, side)
     sides = {side: {**base["sides"][side], "probs": np.mean([r["sides"][side]["probs"] for r in recipes], axis=0)}
              for side in SIDE_DIRS}
     for data in sides.values():
@@ -158,9 +163,7 @@ def compare(recipes: list[dict], bootstrap: int) -> dict:
                  "train_minutes": round(sum(r["train_seconds"]) / 60, 1), "ensemble": r.get("ensemble", 0)}
         for side, data in r["sides"].items():
             ref = base["sides"][side]
-            if data["images"] != ref["images"]:
-                raise OncoliteError(f"{r['run']}: its {side} images differ from {base['run']}'s; "
-                                    "train every recipe on the same manifest and folds")
+            refuse_other_images(r, base, side)
             report = metrics.classification_report(data["y"], data["probs"], data["labels"], bootstrap=bootstrap)
             entry[side] = {key: report["metrics"][key] for key in REPORTED}
             entry[side]["per_fold"] = {key: per_fold(data["y"], data["probs"], data["fold_sizes"], key) for key in REPORTED}
