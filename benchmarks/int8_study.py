@@ -9,8 +9,9 @@ chosen on the pooled *validation* figures. Each (fold, recipe) is saved as it fi
 RUN/int8_study/<fold>/<recipe>.npz, so a killed study resumes where it stopped.
 
 Recipes (RECIPES, quantize.rounding): ptq (the converter's nearest rounding), ptq_bias (+ empirical
-bias correction), gptq (output-reconstructing rounding), gptq_bias (both), gptq_seq (both, layer
-groups on inputs that carry the earlier groups' rounding), weights_* (the same weights in the
+bias correction), gptq (output-reconstructing rounding), gptq_bias (both), gptq_seq (both, layer by
+layer on inputs that carry the earlier layers' rounding, reconstructing the float output),
+gptq_act (the same on inputs that also carry int8 activations), weights_* (the same weights in the
 Keras model with float activations: how much of the error the weights alone cause), and
 litert_a8_* / litert_a16_* (the same kernels through litert-quantizer, int8 or int16 activations).
 --ablation adds the per-layer ablations: weights (one conv kernel at a time in int8, float
@@ -32,18 +33,22 @@ from edge_runtime.atomic import atomic_path, write_json, write_text
 from edge_runtime.console import add_output_flags, print_json, result, say
 from edge_runtime.errors import EXIT_OK, OncoliteError
 
-# name -> (weight rounding, bias correction, sequential, backend). Backends: "converter" (the TF
-# converter's full-integer int8, as export makes int8_ptq), "keras" (the Keras model with every
-# conv kernel on its int8 grid and float activations: the share of the error that weights alone
-# cause), "litert_a8" / "litert_a16" (litert-quantizer's static recipes on the fp32 export of the
-# same kernels: int8 or int16 activations, int8 weights, integer I/O; a second quantizer's opinion
-# and the ceiling of what finer activations give).
-RECIPES = {"ptq": ("nearest", False, False, "converter"), "ptq_bias": ("nearest", True, False, "converter"),
-           "gptq": ("gptq", False, False, "converter"), "gptq_bias": ("gptq", True, False, "converter"),
-           "gptq_seq": ("gptq", True, True, "converter"), "weights_nearest": ("nearest", False, False, "keras"),
-           "weights_gptq_bias": ("gptq", True, False, "keras"), "weights_gptq_seq": ("gptq", True, True, "keras"),
-           "litert_a8_gptq_bias": ("gptq", True, False, "litert_a8"),
-           "litert_a16_gptq_bias": ("gptq", True, False, "litert_a16")}
+# name -> (weight rounding, bias correction, inputs, backend). Inputs the kernels are reconstructed
+# on: "float" (the float model's, one pass: export's recipe), "weights" (layer groups in turn on
+# the inputs of the copy whose earlier kernels are rounded) or "int8" (of the copy whose earlier
+# kernels and every activation are rounded, on the grids of the fold's gptq_bias model).
+# Backends: "converter" (the TF converter's full-integer int8, as export makes int8_ptq), "keras"
+# (the Keras model with every conv kernel on its int8 grid and float activations: the share of
+# the error that weights alone cause), "litert_a8" / "litert_a16" (litert-quantizer's static
+# recipes on the fp32 export of the same kernels: int8 or int16 activations, int8 weights,
+# integer I/O; a second quantizer's opinion and the ceiling of what finer activations give).
+RECIPES = {"ptq": ("nearest", False, "float", "converter"), "ptq_bias": ("nearest", True, "float", "converter"),
+           "gptq": ("gptq", False, "float", "converter"), "gptq_bias": ("gptq", True, "float", "converter"),
+           "gptq_seq": ("gptq", True, "weights", "converter"), "gptq_act": ("gptq", True, "int8", "converter"),
+           "weights_nearest": ("nearest", False, "float", "keras"),
+           "weights_gptq_bias": ("gptq", True, "float", "keras"), "weights_gptq_seq": ("gptq", True, "weights", "keras"),
+           "litert_a8_gptq_bias": ("gptq", True, "float", "litert_a8"),
+           "litert_a16_gptq_bias": ("gptq", True, "float", "litert_a16")}
 SIDES = ("val", "test")
 
 
@@ -56,7 +61,7 @@ def fold_dirs(run: Path) -> list[Path]:
 
 def study_fold(fold_dir: Path, recipes: list[str], out: Path, say) -> None:
     from oncolite.quantize.export import calibration_items, make_converter, representative_dataset, run_model_bytes
-    from oncolite.quantize.rounding import reconstruct_weights
+    from oncolite.quantize.rounding import activation_points, reconstruct_weights
     from oncolite.quantize.rundir import open_run
     from oncolite.train.data import load_arrays
     from oncolite.train.model import load_float_model
@@ -79,9 +84,15 @@ def study_fold(fold_dir: Path, recipes: list[str], out: Path, say) -> None:
         if path.exists():
             continue
         t0 = time.monotonic()
-        method, bias, sequential, backend = RECIPES[recipe]
-        source, layers = reconstruct_weights(model, [calib[i:i + 16] for i in range(0, len(calib), 16)],
-                                             method=method, bias_correction=bias, sequential=sequential)
+        method, bias, inputs, backend = RECIPES[recipe]
+        points = None
+        if inputs == "int8":
+            if not (out / "gptq_bias.tflite").exists():
+                raise OncoliteError(f"recipe {recipe} rounds activations on the grids of {out / 'gptq_bias.tflite'}: "
+                                    "put gptq_bias before it in --recipes")
+            points = activation_points(out / "gptq_bias.tflite")
+        source, layers = reconstruct_weights(model, [calib[i:i + 16] for i in range(0, len(calib), 16)], method=method,
+                                             bias_correction=bias, sequential=inputs != "float", points=points)
         if recipe == "gptq_bias":  # the activation ablation starts from these kernels
             source.save_weights(out / "gptq_bias.weights.h5")
         if backend == "keras":
@@ -185,60 +196,6 @@ def weight_ablation(fold_dir: Path, out: Path, say) -> None:
     say(f"{fold_dir.name} ablation: {time.monotonic() - t0:.0f} s")
 
 
-def activation_points(tflite_path: Path) -> dict:
-    """Where the converted model rounds activations: Keras layer name -> (scale, zero point) of
-    each op's int8 output (the op's fused last layer, e.g. `block_1_expand_relu` for
-    conv + BatchNorm + ReLU6), plus "softmax" for the output. The input tensor is left out: with
-    mean = std = 128 it is exact."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(tflite_path))
-    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
-    points = {}
-    for op in interpreter._get_ops_details():
-        if op["op_name"] in ("DELEGATE", "QUANTIZE", "DEQUANTIZE"):
-            continue
-        tensor = tensors[op["outputs"][0]]
-        scale, zero_point = tensor["quantization"]
-        if not scale:
-            continue
-        parts = tensor["name"].split(";")[0].split("/")
-        points["softmax" if op["op_name"] == "SOFTMAX" else parts[1]] = (float(scale), int(zero_point))
-    return points
-
-
-def simulate_activations(model, points: dict):
-    """A copy of `model` (sharing its weights) that rounds each point's output to its int8 grid
-    when that point's switch is 1: returns (model, {point: tf.Variable switch}). The classifier
-    layer's logits and its softmax output are rounded separately, as the converted model does."""
-    import tensorflow as tf
-    import tf_keras as keras
-
-    switches = {name: tf.Variable(0.0, trainable=False, name=f"quantize_{name}") for name in points}
-
-    def rounded(x, name):
-        scale, zero_point = points[name]
-        q = (tf.clip_by_value(tf.round(x / scale) + zero_point, -128.0, 127.0) - zero_point) * scale
-        return x + switches[name] * (q - x)
-
-    class Rounded(keras.layers.Layer):
-        def __init__(self, inner):
-            super().__init__(name=inner.name)
-            self.inner = inner
-
-        def call(self, inputs):
-            if isinstance(self.inner, keras.layers.Dense) and self.inner.activation is keras.activations.softmax:
-                logits = tf.matmul(inputs, self.inner.kernel) + self.inner.bias
-                probs = tf.nn.softmax(rounded(logits, self.inner.name) if self.inner.name in points else logits)
-                return rounded(probs, "softmax") if "softmax" in points else probs
-            return rounded(self.inner(inputs), self.inner.name)
-
-    def wrap(layer):
-        return Rounded(layer) if layer.name in points or (layer is model.layers[-1] and "softmax" in points) else layer
-
-    return keras.models.clone_model(model, clone_function=wrap), switches
-
-
 def activation_ablation(fold_dir: Path, out: Path, say) -> None:
     """Per activation the converter rounds, the probabilities on the fold's at-risk validation
     and test images of the reconstructed-weights model (recipe gptq_bias's Keras weights)
@@ -247,7 +204,7 @@ def activation_ablation(fold_dir: Path, out: Path, say) -> None:
     The grids are read from the fold's gptq_bias.tflite; "all" is checked against that file's
     own decisions. Saved as out/activation_ablation.json (resumes per fold)."""
     from oncolite.quantize.export import calibration_items
-    from oncolite.quantize.rounding import reconstruct_weights
+    from oncolite.quantize.rounding import activation_points, reconstruct_weights, simulate_activations
     from oncolite.quantize.rundir import open_run
     from oncolite.train.data import load_arrays
     from oncolite.train.model import load_float_model

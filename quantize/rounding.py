@@ -22,6 +22,8 @@ and the float model that everything is compared with is left untouched.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 import oncolite.train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
@@ -39,9 +41,6 @@ RECIPE = "gptq-3 (one pass on float inputs, bias correction, nearest where calib
 # calibration images never take, which new images do (the classifier head: 200 pooled feature
 # vectors for 1280 inputs). Such layers keep the converter's nearest rounding.
 MIN_SAMPLES_PER_INPUT = 10
-# Sequential rounding computes the inputs of this many consecutive layers (about one inverted
-# residual block) per pass through the partly rounded copy: 18 passes instead of 53 for MobileNetV2.
-SEQUENTIAL_GROUP = 3
 
 
 def patches(layer, x: tf.Tensor) -> np.ndarray:
@@ -64,39 +63,86 @@ def patches(layer, x: tf.Tensor) -> np.ndarray:
 
 
 class InputMoments:
-    """Running E[x x^T] and E[x] of one layer's kernel inputs (per channel for depthwise)."""
+    """Running moments of one layer's kernel inputs x (per channel for depthwise): E[x x^T] and
+    E[x]; with `reference` inputs (the float model's, for the same images and positions) also
+    E[x_ref x^T], E[x_ref x_ref^T] and E[x_ref]. Without them the reference is x itself."""
 
     def __init__(self, layer):
         self.depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
-        self.gram = self.total = None
+        self.sums: dict[str, np.ndarray] = {}
         self.count = 0
 
-    def add(self, p: np.ndarray) -> None:
+    def add(self, p: np.ndarray, reference: np.ndarray | None = None) -> None:
         p = p.astype(np.float64)
-        gram = np.einsum("mkc,mlc->ckl", p, p) if self.depthwise else p.T @ p
-        total = p.sum(axis=0).T if self.depthwise else p.sum(axis=0)  # depthwise: [channels, h*w]
-        self.gram = gram if self.gram is None else self.gram + gram
-        self.total = total if self.total is None else self.total + total
+        self._add("gram", self._product(p, p))
+        self._add("total", self._sum(p))
+        if reference is not None:
+            reference = reference.astype(np.float64)
+            self._add("cross", self._product(reference, p))
+            self._add("reference_gram", self._product(reference, reference))
+            self._add("reference_total", self._sum(reference))
         self.count += p.shape[0]
 
+    def _product(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """sum over positions of a b^T: [inputs, inputs], or [channels, h*w, h*w] for depthwise."""
+        return np.einsum("mkc,mlc->ckl", a, b) if self.depthwise else a.T @ b
+
+    def _sum(self, a: np.ndarray) -> np.ndarray:
+        return a.sum(axis=0).T if self.depthwise else a.sum(axis=0)  # depthwise: [channels, h*w]
+
+    def _add(self, key: str, value: np.ndarray) -> None:
+        self.sums[key] = value if key not in self.sums else self.sums[key] + value
+
+    def _mean(self, key: str, fallback: str | None = None) -> np.ndarray:
+        return self.sums.get(key, self.sums[fallback or key]) / self.count
+
     def second(self) -> np.ndarray:
-        return self.gram / self.count
+        return self._mean("gram")
 
     def mean(self) -> np.ndarray:
-        return self.total / self.count
+        return self._mean("total")
+
+    def cross(self) -> np.ndarray:
+        """E[x_ref x^T]."""
+        return self._mean("cross", "gram")
+
+    def reference_second(self) -> np.ndarray:
+        return self._mean("reference_gram", "gram")
+
+    def reference_mean(self) -> np.ndarray:
+        return self._mean("reference_total", "total")
+
+    @property
+    def paired(self) -> bool:
+        return "cross" in self.sums
 
 
-def collect_moments(model: keras.Model, layers: list, batches) -> list[InputMoments]:
-    """One pass over the calibration batches through the float model, accumulating each layer's
-    input moments (memory: one batch of activations, never the whole set)."""
-    probe = keras.Model(model.input, [layer.input for layer in layers])
+def collect_moments(model: keras.Model, layers: list, batches, reference: keras.Model | None = None) -> list[InputMoments]:
+    """One pass over the calibration batches through `model`, accumulating each layer's input
+    moments (memory: one batch of activations, never the whole set); with a `reference` model
+    (the float one) its same-named layers' inputs are paired with them."""
+    probe = keras.Model(model.input, [_input_of(model, layer) for layer in layers])
+    if reference is not None:
+        reference_probe = keras.Model(reference.input, [reference.get_layer(layer.name).input for layer in layers])
     moments = [InputMoments(layer) for layer in layers]
     for batch in batches:
-        outputs = probe(batch, training=False)
-        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        for layer, m, x in zip(layers, moments, outputs):
-            m.add(patches(layer, x))
+        outputs = _as_list(probe(batch, training=False))
+        references = _as_list(reference_probe(batch, training=False)) if reference is not None else [None] * len(layers)
+        for layer, m, x, r in zip(layers, moments, outputs, references):
+            m.add(patches(layer, x), None if r is None else patches(layer, r))
     return moments
+
+
+def _as_list(outputs) -> list:
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def _input_of(model: keras.Model, layer):
+    """The input of `model`'s layer of this name in `model`'s graph: a layer shared with a copy
+    of the model (the activation simulation calls the copy's layers again, or wraps them) has
+    one input per graph, the last one being the newest model's."""
+    own = model.get_layer(layer.name)
+    return own.get_input_at(len(own.inbound_nodes) - 1)
 
 
 def gptq(rows: np.ndarray, second: np.ndarray, step: np.ndarray) -> np.ndarray:
@@ -107,10 +153,7 @@ def gptq(rows: np.ndarray, second: np.ndarray, step: np.ndarray) -> np.ndarray:
     weights not yet rounded along the inverse-Hessian direction that cancels it best."""
     w = rows.astype(np.float64).copy()
     n, d = w.shape
-    h = second if second.ndim == 3 else second[None]
-    eye = np.eye(d)
-    diag = np.diagonal(h, axis1=1, axis2=2)
-    h = h + (DAMPING * diag.mean(axis=1) + 1e-12)[:, None, None] * eye
+    h = _damped(second)
     # Upper Cholesky factor of H^-1 (GPTQ's formulation): row i holds the feedback of weight i.
     upper = np.transpose(np.linalg.cholesky(np.linalg.inv(h)), (0, 2, 1))
     if upper.shape[0] == 1:
@@ -135,50 +178,61 @@ def keep_scale(q: np.ndarray, rows: np.ndarray, step: np.ndarray) -> np.ndarray:
 
 
 def reconstruct_weights(model: keras.Model, batches, method: str = "gptq", bias_correction: bool = True,
-                        sequential: bool = False) -> tuple:
+                        sequential: bool = False, points: dict | None = None) -> tuple:
     """A copy of the float model whose kernels, once the converter folds and rounds them,
     are the chosen int8 kernels; returns (model, per-layer report rows).
 
     `batches`: preprocessed calibration batches (N x H x W x 3 float32), read more than once.
     "nearest" keeps the converter's own rounding (only the bias correction changes anything).
-    `sequential`: each layer's inputs come from the copy with every earlier kernel already
-    rounded, so a layer's rounding and bias also absorb what the layers before it changed
-    (the mean of its float output is matched: E[W x_float] = E[Q x_rounded] + shift);
-    otherwise every layer sees the float model's inputs (one pass, faster). On BUSI the one-pass
-    rounding is the measured one (docs/INT8.md); the sequential variant made fold 0 worse and is
-    kept for study (benchmarks.int8_study recipe gptq_seq), not used by export."""
+    One pass (the default, export's recipe): every layer's kernel reconstructs its float output
+    from the float model's own inputs, min_Q E||(W - Q) x||^2.
+    `sequential`: layers are rounded in groups, each on the inputs x~ the partly rounded copy
+    gives them (every earlier kernel rounded and, with `points` (activation_points of a
+    converted model), every activation rounded on those int8 grids as the converted model rounds
+    it), and the kernel reconstructs the *float* output from them, min_Q E||W x - Q x~||^2 (the
+    objective of AdaRound and BRECQ): it also makes up for what the layers before it changed.
+    That is GPTQ on the least-squares kernel V = W E[x x~^T] E[x~ x~^T]^-1 (damped towards W).
+    The bias correction matches the float output's mean in both: E[W x] = E[Q x~] + shift."""
     if method not in METHODS:
         raise ValueError(f"weight rounding must be one of {', '.join(METHODS)}, got {method!r}")
     batches = list(batches)
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     pairs = weight_layers(clone)
-    float_moments = collect_moments(model, [model.get_layer(layer.name) for layer, _ in pairs], batches)
-    report, current = [], {}
-    for index, ((layer, bn), float_m) in enumerate(zip(pairs, float_moments)):
-        if sequential and index % SEQUENTIAL_GROUP == 0:
-            # One pass serves the next few layers: inputs with every earlier group already rounded.
-            group = [pair[0] for pair in pairs[index:index + SEQUENTIAL_GROUP]]
-            current = dict(zip([g.name for g in group], collect_moments(clone, group, batches)))
-        m = current[layer.name] if sequential else float_m
+    if sequential:
+        probe = clone
+        if points:
+            probe, switches = simulate_activations(clone, points)
+            for switch in switches.values():
+                switch.assign(1.0)
+    else:
+        moments = collect_moments(model, [model.get_layer(layer.name) for layer, _ in pairs], batches)
+    report = []
+    for index, (layer, bn) in enumerate(pairs):
+        # Sequential: one pass per layer, on inputs that carry every earlier layer's change. (Inputs
+        # read before the layer just in front of it changed would make its bias correction undo
+        # an upstream error that one had already undone: twice the correction, growing with depth.)
+        m = collect_moments(probe, [layer], batches, reference=model)[0] if sequential else moments[index]
         rows = folded_kernel(layer, bn)
         step = grid_step(rows)
-        nearest = round_nearest(rows, step)
-        nearest_mse = _output_mse(rows - nearest * step[:, None], m)
-        q, mse = nearest, nearest_mse
+        nearest = round_nearest(rows, step) * step[:, None]
+        nearest_mse = _output_mse(rows, nearest, m)
+        chosen, mse = nearest, nearest_mse
         if method == "gptq" and m.count >= MIN_SAMPLES_PER_INPUT * rows.shape[1]:
             # The greedy solver is not optimal: keep, per output channel, whichever rounding
             # reconstructs the calibration outputs better.
-            candidate = gptq(rows, m.second(), step)
-            candidate_mse = _output_mse(rows - candidate * step[:, None], m)
+            target = least_squares_kernel(rows, m) if m.paired else rows
+            target_step = grid_step(target)
+            candidate = gptq(target, m.second(), target_step) * target_step[:, None]
+            candidate_mse = _output_mse(rows, candidate, m)
             better = candidate_mse < nearest_mse
-            q, mse = np.where(better[:, None], candidate, nearest), np.where(better, candidate_mse, nearest_mse)
-        chosen = (q * step[:, None]).astype(np.float32)
+            chosen, mse = np.where(better[:, None], candidate, nearest), np.where(better, candidate_mse, nearest_mse)
+        chosen = chosen.astype(np.float32)
         # The mean output the float model has here, minus what the rounded copy gives.
         if m.depthwise:
-            shift = np.sum(rows * float_m.mean() - chosen * m.mean(), axis=1)
+            shift = np.sum(rows * m.reference_mean() - chosen * m.mean(), axis=1)
         else:
-            shift = rows @ float_m.mean() - chosen @ m.mean()
+            shift = rows @ m.reference_mean() - chosen @ m.mean()
         report.append({"layer": layer.name, "output_mse": float(np.mean(mse)),
                        "output_mse_nearest": float(np.mean(nearest_mse)), "mean_shift": float(np.abs(shift).mean())})
         write_kernel(layer, bn, chosen)
@@ -187,12 +241,92 @@ def reconstruct_weights(model: keras.Model, batches, method: str = "gptq", bias_
     return clone, report
 
 
-def _output_mse(delta: np.ndarray, m: InputMoments) -> np.ndarray:
-    """E[((W - Q) x)^2] per output channel."""
-    second = m.second()
+def _damped(second: np.ndarray) -> np.ndarray:
+    """E[x x^T] plus DAMPING times its mean diagonal (per matrix)."""
+    h = second if second.ndim == 3 else second[None]
+    diag = np.diagonal(h, axis1=1, axis2=2)
+    return h + (DAMPING * diag.mean(axis=1) + 1e-12)[:, None, None] * np.eye(h.shape[-1])
+
+
+def least_squares_kernel(rows: np.ndarray, m: InputMoments) -> np.ndarray:
+    """The float kernel V closest to giving the float output W x from the rounded inputs x~:
+    argmin_V E||W x - V x~||^2 + d ||V - W||^2 = W (E[x x~^T] + d I) (E[x~ x~^T] + d I)^-1,
+    with GPTQ's damping d (V = W when x~ = x)."""
+    second, cross = m.second(), m.cross()
+    damped = _damped(second)
+    cross = (cross if cross.ndim == 3 else cross[None]) + (damped - (second if second.ndim == 3 else second[None]))
+    # V damped = W cross, one solve per matrix (damped is symmetric): damped V^T = cross^T W^T.
+    solved = np.linalg.solve(damped, np.transpose(cross, (0, 2, 1)))  # damped^-1 cross^T
+    w = rows.astype(np.float64)
     if m.depthwise:
-        return np.einsum("ck,ckl,cl->c", delta, second, delta)
-    return np.sum((delta @ second) * delta, axis=1)
+        return np.einsum("ckl,cl->ck", solved, w)  # row c: (damped_c^-1 cross_c^T w_c^T)^T
+    return (solved[0] @ w.T).T
+
+
+def _output_mse(rows: np.ndarray, chosen: np.ndarray, m: InputMoments) -> np.ndarray:
+    """E[(W x - Q x~)^2] per output channel (x~ = x without reference inputs: E[((W - Q) x)^2])."""
+    if not m.paired:
+        delta, second = rows - chosen, m.second()
+        if m.depthwise:
+            return np.einsum("ck,ckl,cl->c", delta, second, delta)
+        return np.sum((delta @ second) * delta, axis=1)
+    if m.depthwise:
+        return (np.einsum("ck,ckl,cl->c", rows, m.reference_second(), rows)
+                - 2 * np.einsum("ck,ckl,cl->c", rows, m.cross(), chosen)
+                + np.einsum("ck,ckl,cl->c", chosen, m.second(), chosen))
+    return (np.sum((rows @ m.reference_second()) * rows, axis=1) - 2 * np.sum((rows @ m.cross()) * chosen, axis=1)
+            + np.sum((chosen @ m.second()) * chosen, axis=1))
+
+
+def activation_points(tflite_path: Path) -> dict:
+    """Where the converted model rounds activations: Keras layer name -> (scale, zero point) of
+    each op's int8 output (the op's fused last layer, e.g. `block_1_expand_relu` for
+    conv + BatchNorm + ReLU6), plus "softmax" for the output. The input tensor is left out: with
+    mean = std = 128 it is exact."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tflite_path))
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    points = {}
+    for op in interpreter._get_ops_details():
+        if op["op_name"] in ("DELEGATE", "QUANTIZE", "DEQUANTIZE"):
+            continue
+        tensor = tensors[op["outputs"][0]]
+        scale, zero_point = tensor["quantization"]
+        if not scale:
+            continue
+        parts = tensor["name"].split(";")[0].split("/")
+        points["softmax" if op["op_name"] == "SOFTMAX" else parts[1]] = (float(scale), int(zero_point))
+    return points
+
+
+def simulate_activations(model, points: dict):
+    """A copy of `model` (sharing its weights) that rounds each point's output to its int8 grid
+    when that point's switch is 1: returns (model, {point: tf.Variable switch}). The classifier
+    layer's logits and its softmax output are rounded separately, as the converted model does."""
+    switches = {name: tf.Variable(0.0, trainable=False, name=f"quantize_{name}") for name in points}
+
+    def rounded(x, name):
+        scale, zero_point = points[name]
+        q = (tf.clip_by_value(tf.round(x / scale) + zero_point, -128.0, 127.0) - zero_point) * scale
+        return x + switches[name] * (q - x)
+
+    class Rounded(keras.layers.Layer):
+        def __init__(self, inner):
+            super().__init__(name=inner.name)
+            self.inner = inner
+
+        def call(self, inputs):
+            if isinstance(self.inner, keras.layers.Dense) and self.inner.activation is keras.activations.softmax:
+                logits = tf.matmul(inputs, self.inner.kernel) + self.inner.bias
+                probs = tf.nn.softmax(rounded(logits, self.inner.name) if self.inner.name in points else logits)
+                return rounded(probs, "softmax") if "softmax" in points else probs
+            return rounded(self.inner(inputs), self.inner.name)
+
+    def wrap(layer):
+        return Rounded(layer) if layer.name in points or (layer is model.layers[-1] and "softmax" in points) else layer
+
+    return keras.models.clone_model(model, clone_function=wrap), switches
 
 
 def correct_bias(layer, bn, shift: np.ndarray) -> None:

@@ -109,7 +109,7 @@ def test_activation_simulation_is_the_converted_model(tmp_path):
     """benchmarks.int8_study's activation ablation rounds each op output on the converted model's
     own grid: with every switch on it must be the .tflite (up to the int32 arithmetic), with
     every switch off the Keras model itself."""
-    from oncolite.benchmarks.int8_study import activation_points, simulate_activations
+    from oncolite.quantize.rounding import activation_points, simulate_activations
 
     model, calib, held_out = tiny_model(), gray_images(16, 0), gray_images(12, 1)
     rounded, _ = reconstruct_weights(model, [calib], method="gptq", bias_correction=True)
@@ -146,3 +146,36 @@ def test_litert_quantizer_recipes_are_integer_models_of_the_same_network():
         errors[bits] = np.abs(outputs(model_bytes, held_out) - reference).mean()
     scale = np.abs(reference).mean()
     assert errors[8] < 0.1 * scale and errors[16] < errors[8], (errors, scale)
+
+
+def test_sequential_reconstruction_makes_up_for_what_the_rounded_inputs_changed():
+    """The sequential recipes reconstruct the float output W x from the rounded copy's inputs x~:
+    the least-squares kernel V is W itself when x~ = x, and undoes a known change of the inputs
+    (x~ = x / 2, one channel offset) up to the damping."""
+    from oncolite.quantize.rounding import InputMoments, least_squares_kernel
+
+    rng = np.random.default_rng(0)
+    conv, depthwise = keras.layers.Conv2D(4, 1), keras.layers.DepthwiseConv2D(3)
+    for layer, x in ((conv, rng.normal(size=(500, 6))), (depthwise, rng.normal(size=(500, 9, 5)))):
+        w = rng.normal(size=(4 if layer is conv else 5, x.shape[1]))
+        same = InputMoments(layer)
+        same.add(x, reference=x)
+        assert np.allclose(least_squares_kernel(w, same), w)
+        changed = InputMoments(layer)
+        changed.add(x / 2, reference=x)
+        assert np.allclose(least_squares_kernel(w, changed), 2 * w, rtol=0.05)
+    # A whole sequential reconstruction: every layer's bias correction is computed on inputs that
+    # carry every earlier layer's change, so on the calibration images each layer's output mean
+    # is the float model's (inputs read before the layer in front of it changed would correct
+    # an upstream error twice, and the means would drift apart with depth); and each layer's
+    # kernel never loses to nearest rounding on the error against the float output.
+    model, calib = tiny_model(), gray_images(16, 0)
+    rounded, rows = reconstruct_weights(model, [calib[:8], calib[8:]], method="gptq", sequential=True)
+    for row in rows:
+        assert row["output_mse"] <= row["output_mse_nearest"] * (1 + 1e-6) + 1e-12, row
+    names = [(bn or layer).name for layer, bn in weight_layers(model) if not isinstance(layer, keras.layers.Dense)]
+    means = [keras.Model(m.input, [m.get_layer(n).output for n in names]).predict(calib, verbose=0) for m in (model, rounded)]
+    for name, reference, got in zip(names, *means):
+        axes = tuple(range(reference.ndim - 1))
+        drift = np.abs(got.mean(axis=axes) - reference.mean(axis=axes)).max()
+        assert drift < 2e-5 * max(1.0, np.abs(reference).mean()), f"{name}: output mean {drift:.2e} off float's"
