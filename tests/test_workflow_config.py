@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_runtime.errors import EXIT_USAGE
 from oncolite.train.config import DEFAULTS_PATH, ConfigError, load_config, parse_overrides
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -189,3 +190,20 @@ def test_config_shows_a_profiles_values_beside_the_defaults(capsys):
     assert oncolite(["config", "input_size", "--json"]) == 0
     entry = json.loads(capsys.readouterr().out)["settings"][0]
     assert entry["value"] == entry["default"] == load_config()["input_size"]
+
+
+def test_config_shows_the_values_a_set_and_a_config_file_give_and_checks_them(tmp_path, capsys):
+    """`oncolite config --config F --set K=V` resolves the layers train and run resolve, over the
+    same rules: the value shown is the one training would use, a bad one exits 2 naming it."""
+    from oncolite.cli import main as oncolite
+
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"mixup": 0.3, "augment": {"gamma": 0.1}}))
+    assert oncolite(["config", "mixup", "augment.gamma", "--config", str(path), "--set", "augment.gamma=0.2", "-q"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["mixup = 0.3", "augment.gamma = 0.2"]
+    assert oncolite(["config", "mixup", "--set", "mixup=0.4"]) == 0
+    assert "--set mixup=0.4" in capsys.readouterr().out
+    assert oncolite(["config", "mixup", "--set", "mixup=-1"]) == EXIT_USAGE
+    assert "mixup" in capsys.readouterr().err
+    assert oncolite(["config", "--set", "mixupp=0.1"]) == EXIT_USAGE
+    assert "did you mean 'mixup'" in capsys.readouterr().err

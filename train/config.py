@@ -494,11 +494,13 @@ def preprocessing(config: dict) -> Preprocessing:
                          std=config["std"], resample=config["resample"])
 
 
-def describe(keys: list[str] | None = None, dataset: str | None = None, profile: str | None = None) -> list[dict]:
-    """Each setting (or those under `keys`) with its default, its value under a dataset and
-    profile, what it accepts and what it does, in DOCS' order (configs/defaults.json's)."""
+def describe(keys: list[str] | None = None, dataset: str | None = None, profile: str | None = None,
+             path: str | None = None, overrides: dict | None = None) -> list[dict]:
+    """Each setting (or those under `keys`) with its default, its value under a dataset,
+    profile, config file and overrides (load_config's layers, checked as training checks them),
+    what it accepts and what it does, in DOCS' order (configs/defaults.json's)."""
     defaults = read_config_file(DEFAULTS_PATH)
-    values = load_config(dataset=dataset, profile=profile) if dataset or profile else defaults
+    values = load_config(dataset=dataset, profile=profile, path=path, overrides=overrides)
     return [{"key": key, "default": _lookup(defaults, key), "value": _lookup(values, key), "doc": doc,
              "accepts": RULES[key][1] if key in RULES else '"imagenet", null or the path of a .h5 file'}
             for key, doc in DOCS.items() if not keys or any(key == k or key.startswith(f"{k}.") for k in keys)]
@@ -510,6 +512,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("keys", nargs="*", metavar="KEY", help="settings or sections to show (default: all), e.g. qat export.gate")
     parser.add_argument("--profile", choices=available("profiles"), help="show the values under this profile (e.g. quick)")
     parser.add_argument("--dataset", choices=available("datasets"), help="show the values under this dataset's defaults")
+    parser.add_argument("--config", help="show the values under this config file (JSON; a run's config.json works)")
+    add_set_argument(parser)
     add_output_flags(parser)
 
 
@@ -521,9 +525,10 @@ def main(args) -> int:
     for key in args.keys:
         if key not in names:
             raise ConfigError(f"no setting named {key}{did_you_mean(key, names)}; `oncolite config` lists them all")
-    settings = describe(args.keys, args.dataset, args.profile)
+    settings = describe(args.keys, args.dataset, args.profile, args.config, parse_overrides(args.set))
     layers = " + ".join(filter(None, ["defaults", args.profile and f"profile {args.profile}",
-                                      args.dataset and f"dataset {args.dataset}"]))  # load_config's order
+                                      args.dataset and f"dataset {args.dataset}", args.config and f"file {args.config}",
+                                      " ".join(f"--set {pair}" for pair in args.set)]))  # load_config's order
     if args.json:
         print_json({"defaults": str(DEFAULTS_PATH), "values_of": layers, "settings": settings})
         return 0
