@@ -197,7 +197,8 @@ def markdown(study: dict, command: str) -> str:
     def name(e):
         if e["ensemble"]:
             return f"ensemble of the {e['ensemble']} recipes above (mean probabilities; not deployable)"
-        changes = ", ".join(f"{k}={v}" for k, v in e["changes"].items())
+        # Spelled as --set takes them: JSON values (true, null), plain words for strings.
+        changes = ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in e["changes"].items())
         return f"`{changes}`" if changes else "base recipe"
 
     lines = [f"Made by: `{command}`", "",

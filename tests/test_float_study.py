@@ -50,18 +50,19 @@ def _make_run(root, name, noise, config_change, seed=0, folds=3, n=40):
 
 def test_study_pools_every_fold_and_chooses_on_validation(tmp_path):
     base = _make_run(tmp_path, "base", noise=2.5, config_change={})
-    better = _make_run(tmp_path, "deeper", noise=0.8, config_change={"finetune_depth": 154}, seed=1)
+    better = _make_run(tmp_path, "deeper", noise=0.8, config_change={"finetune_depth": 154, "oversample": True}, seed=1)
     study = float_study.compare([float_study.collect(base, FOLDS, True), float_study.collect(better, FOLDS, True)], bootstrap=200)
     assert study["n"] == {"val": 120, "test": 120}
     base_row, deeper_row = study["recipes"]
-    assert base_row["changes"] == {} and deeper_row["changes"] == {"finetune_depth": 154}
+    assert base_row["changes"] == {} and deeper_row["changes"] == {"finetune_depth": 154, "oversample": True}
     assert study["chosen_on_val"] == str(better)
     assert len(deeper_row["test"]["per_fold"]["accuracy"]) == 3
     assert deeper_row["train_minutes"] == 6.0  # 3 folds x 120 s
     delta = deeper_row["test"]["delta"]["accuracy"]
     assert delta["value"] > 0 and delta["ci"][0] <= delta["value"] <= delta["ci"][1]
     text = float_study.markdown(study, "cmd")
-    assert "`finetune_depth=154`" in text and "base recipe" in text and "chosen: `" in text
+    # Spelled as --set takes the settings (JSON values), not as Python writes them.
+    assert "`finetune_depth=154, oversample=true`" in text and "base recipe" in text and "chosen: `" in text
 
 
 def test_recipes_on_other_images_are_refused(tmp_path):
