@@ -14,7 +14,7 @@ class Variant:
     integer: bool  # full-integer: only TFLITE_BUILTINS_INT8 ops, calibrated on training images
     io: str | None  # fixed input/output type; None: float for float variants, config export.int8_io for integer ones
     batch: int | None = None  # a static batch size (LiteRT.js refuses a dynamic one); None: dynamic
-    rounding: str = "nearest"  # int8 weight rounding: the converter's "nearest", or quantize.rounding's "gptq"
+    rounding: str = "nearest"  # int8 weight rounding: the converter's "nearest", or quantize.rounding's "gptq" / "gptq_act"
     selectable: bool = True  # named in --variants / export.variants (False: made by another option)
 
 
@@ -27,8 +27,11 @@ VARIANTS = {v.name: v for v in (
     Variant("int8_gptq", "full-integer int8, post-training quantization with each kernel rounded to reconstruct "
                          "its layer's float output and bias correction (quantize.rounding)", "float", True, None,
             rounding="gptq"),
+    Variant("int8_gptq_act", "full-integer int8 with each kernel rounded, layer by layer, to reconstruct its float "
+                             "output from the int8 model's own inputs (earlier kernels and activations rounded), "
+                             "and bias correction (quantize.rounding)", "float", True, None, rounding="gptq_act"),
     Variant("int8_qat", "full-integer int8 from quantization-aware training", "qat", True, None),
-    Variant("int8", "the int8 model to ship: the full-integer candidate (int8_ptq, int8_gptq, int8_qat) that "
+    Variant("int8", "the int8 model to ship: the full-integer candidate (int8_ptq, int8_gptq, int8_gptq_act, int8_qat) that "
                     "agrees best with the float model on validation", "int8", True, None),
     Variant("int8_uint8", "the shipped int8 model with uint8 input and output and a batch of 1, for MediaPipe "
                           "Tasks and LiteRT.js in the browser (both refuse int8 inputs)", "int8", True, "uint8", batch=1),
@@ -36,7 +39,7 @@ VARIANTS = {v.name: v for v in (
             "float", True, "float", selectable=False),
 )}
 # Full-integer variants converted from a model of their own, among which export chooses `int8`.
-INT8_CANDIDATES = ("int8_ptq", "int8_gptq", "int8_qat")
+INT8_CANDIDATES = ("int8_ptq", "int8_gptq", "int8_gptq_act", "int8_qat")
 SELECTABLE = tuple(name for name, v in VARIANTS.items() if v.selectable)
 
 

@@ -1,9 +1,10 @@
 """`oncolite export RUN_DIR`: TFLite variants of a run's models, each self-describing.
 
 The variants are edge_runtime.variants' table. fp32, fp16 and dynamic-range come from the float
-model. Three full-integer candidates: int8_ptq is the converter's plain post-training
+model. Full-integer candidates: int8_ptq is the converter's plain post-training
 quantization (the textbook baseline); int8_gptq rounds each conv kernel to reconstruct the
 layer's float output and corrects the biases (quantize.rounding) before the same conversion;
+int8_gptq_act (opt-in: minutes per model) rounds layer by layer on the int8 model's own inputs;
 int8_qat converts the QAT model. `int8`, the model to ship, is the candidate that agrees best
 with the float model on the validation side (ties: the smaller mean probability change), and
 `int8_uint8` is that model with uint8 input/output and a batch of 1 (MediaPipe Tasks and
@@ -400,28 +401,39 @@ def load_source(run: Run, source: str, float_model):
     return float_model
 
 
-_ROUNDED: dict = {}  # the last rounding: int8_gptq and its uint8 twin share it within one export
+# The roundings of one model on one calibration set (a variant and its uint8 twin share one). The
+# model is kept with its copies, so its id cannot be reused by another model meanwhile.
+_ROUNDED: dict = {"key": None, "model": None, "copies": {}}
 
 
 def rounding_recipe(rounding: str) -> str:
     """The weight rounding an export records: "nearest", or quantize.rounding's recipe name."""
     if rounding == "nearest":
         return rounding
-    from .rounding import RECIPE
+    from .rounding import RECIPES
 
-    return RECIPE
+    return RECIPES[rounding]
 
 
-def rounded_copy(model, chosen: list[dict], prep):
-    """quantize.rounding's copy of `model` on these calibration images, computed once per export."""
-    from .rounding import reconstruct_weights
+def rounded_copy(model, chosen: list[dict], prep, recipe: str, representative):
+    """The copy of `model` that quantize.rounding's `recipe` (a RECIPES value, as export records
+    it) makes on these calibration images, computed once per export. "gptq_act" rounds the
+    activations on the grids the converter gives the "gptq" copy."""
+    from .rounding import RECIPES, activation_points, reconstruct_weights
 
+    rounding = next(name for name, text in RECIPES.items() if text == recipe)
     key = (id(model), tuple(str(item["path"]) for item in chosen), prep)
-    if key not in _ROUNDED:
-        _ROUNDED.clear()
-        # The model is kept with its copy, so its id cannot be reused by another model meanwhile.
-        _ROUNDED[key] = (model, reconstruct_weights(model, calibration_batches(chosen, prep))[0])
-    return _ROUNDED[key][1]
+    if _ROUNDED["key"] != key:
+        _ROUNDED.update(key=key, model=model, copies={})
+    copies = _ROUNDED["copies"]
+    if rounding not in copies:
+        points = None
+        if rounding == "gptq_act":
+            gptq = rounded_copy(model, chosen, prep, RECIPES["gptq"], representative)
+            points = activation_points(_converted(make_converter(gptq, "int8_gptq", representative, "int8")))
+        copies[rounding] = reconstruct_weights(model, calibration_batches(chosen, prep), sequential=points is not None,
+                                               points=points)[0]
+    return copies[rounding]
 
 
 def convert(variant: str, model, float_model, chosen: list[dict], prep, representative, options: dict) -> bytes:
@@ -433,9 +445,12 @@ def convert(variant: str, model, float_model, chosen: list[dict], prep, represen
 
         return selective_quantize(float_model, representative, options["selective"])
     if options.get("rounding") not in (None, "nearest"):
-        model = rounded_copy(model, chosen, prep)
-    converter = make_converter(model, variant, representative, options["io"], options["allow_float_ops"],
-                               options.get("batch"))
+        model = rounded_copy(model, chosen, prep, options["rounding"], representative)
+    return _converted(make_converter(model, variant, representative, options["io"], options["allow_float_ops"],
+                                     options.get("batch")))
+
+
+def _converted(converter) -> bytes:
     # The converter reports its settings on stderr ("fully_quantize: 0, ...") and warns that int8
     # inputs have no statistics (they get the calibrated input range): noise, also under --quiet.
     with native_stderr_filtered(native_log_level()), warnings.catch_warnings():
@@ -534,7 +549,7 @@ def byo_variants(text: str | None, default: list[str]) -> list[str]:
     """The variants of a bring-your-own model: QAT needs our training, so int8_qat is not one."""
     if text and "int8_qat" in [v.strip() for v in text.split(",")]:
         raise OncoliteError("--variants int8_qat: quantization-aware training needs an oncolite run; a bring-your-own "
-                            "model's int8 candidates are int8_ptq and int8_gptq")
+                            "model's int8 candidates are int8_ptq, int8_gptq and int8_gptq_act")
     return [v for v in parse_variants(text, default) if v != "int8_qat"]
 
 

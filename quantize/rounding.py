@@ -34,8 +34,10 @@ from oncolite.train.int8_grid import QMAX, bn_scale, folded_kernel, grid_step, r
 
 DAMPING = 0.01  # added to the input second moments, relative to their mean diagonal (as in GPTQ)
 METHODS = ("nearest", "gptq")
-# What export records as the rounding of int8_gptq: a change to the recipe below re-exports it.
-RECIPE = "gptq-3 (one pass on float inputs, bias correction, nearest where calibration is too small)"
+# What export records as the rounding of int8_gptq / int8_gptq_act: a change to a recipe below re-exports it.
+RECIPES = {"gptq": "gptq-3 (one pass on float inputs, bias correction, nearest where calibration is too small)",
+           "gptq_act": "gptq-act-1 (layer by layer on the int8 model's inputs, activations on int8_gptq's grids, "
+                       "float output reconstructed, bias correction, nearest where calibration is too small)"}
 # Reconstruction needs far more calibration samples than inputs per output (kernel size):
 # with fewer, E[x x^T] is rank-deficient and the solver cancels errors along directions the
 # calibration images never take, which new images do (the classifier head: 200 pooled feature
@@ -278,14 +280,14 @@ def _output_mse(rows: np.ndarray, chosen: np.ndarray, m: InputMoments) -> np.nda
             + np.sum((chosen @ m.second()) * chosen, axis=1))
 
 
-def activation_points(tflite_path: Path) -> dict:
+def activation_points(model: Path | bytes) -> dict:
     """Where the converted model rounds activations: Keras layer name -> (scale, zero point) of
     each op's int8 output (the op's fused last layer, e.g. `block_1_expand_relu` for
     conv + BatchNorm + ReLU6), plus "softmax" for the output. The input tensor is left out: with
     mean = std = 128 it is exact."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(tflite_path))
+    interpreter = Interpreter(model_content=model) if isinstance(model, bytes) else Interpreter(model_path=str(model))
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     points = {}
     for op in interpreter._get_ops_details():

@@ -227,6 +227,24 @@ def test_shipped_int8_is_the_most_faithful_candidate(run_dir, exported):
     assert {v["status"] for v in again.values()} == {"up to date"}
 
 
+def test_int8_gptq_act_rounds_on_the_int8_models_own_inputs_and_is_a_candidate(run_dir, exported):
+    """The opt-in int8_gptq_act: its own recorded recipe, integer only, a model other than
+    int8_gptq's (kernels reconstructed on other inputs), one of the candidates `int8` is chosen
+    from, and up to date when exported again."""
+    from oncolite.quantize.rounding import RECIPES
+
+    run = open_run(run_dir)
+    chosen = calibration_items(run.sides()["train"], 12, 0)
+    result = export_variants(run, ["int8_gptq", "int8_gptq_act", "int8"], chosen, "int8")
+    act = result["int8_gptq_act"]["sidecar"]
+    assert act["options"]["rounding"] == RECIPES["gptq_act"] != result["int8_gptq"]["sidecar"]["options"]["rounding"]
+    assert result["int8_gptq_act"]["float_ops"] == []
+    act_bytes = (run_dir / "models" / "int8_gptq_act.tflite").read_bytes()
+    assert act_bytes != (run_dir / "models" / "int8_gptq.tflite").read_bytes()
+    assert "int8_gptq_act" in result["int8"]["selection"]["candidates"]
+    assert export_variants(run, ["int8_gptq_act"], chosen, "int8")["int8_gptq_act"]["status"] == "up to date"
+
+
 def test_choose_int8_prefers_agreement_then_the_smaller_probability_change():
     from oncolite.quantize.export import choose_int8
 
