@@ -13,7 +13,7 @@ COMMANDS = {
     "evaluate": ("oncolite.train.evaluate", "metrics with confidence intervals, plots and error analysis of a model on a manifest"),
     "explain": ("oncolite.train.gradcam", "Grad-CAM heatmap of the float model over an image"),
     "quantize": ("oncolite.quantize.qat", "quantization-aware fine-tuning of a run's float model"),
-    "export": ("oncolite.quantize.export", "export TFLite variants (fp32, fp16, dynamic, int8 PTQ/GPTQ/QAT, the chosen int8 and its uint8 twin) with metadata"),
+    "export": ("oncolite.quantize.export", "export TFLite variants (fp32, fp16, dynamic, int8 PTQ/GPTQ/GPTQ-act/QAT, the chosen int8 and its uint8 twin) with metadata"),
     "benchmark": ("oncolite.benchmarks.benchmark", "the full report: the float model against every TFLite variant (accuracy with "
                                           "CIs, agreement, size, latency, memory); `bench` only times one .tflite"),
     **EDGE_COMMANDS,

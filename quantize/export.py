@@ -63,7 +63,8 @@ def add_arguments(parser) -> None:
                         help="run directory holding models/float.keras (and qat.keras), or your own model: a Keras "
                              "file (.keras, .h5) or a SavedModel directory, with --data or --manifest")
     parser.add_argument("--run", dest="old_run", help=argparse.SUPPRESS)  # the old spelling of RUN_DIR
-    parser.add_argument("--variants", help=f"comma-separated, from {','.join(SELECTABLE)} (default: config export.variants)")
+    parser.add_argument("--variants", help=f"comma-separated, from {', '.join(SELECTABLE)} (default: config export.variants; "
+                                           "int8_gptq_act is opt-in: minutes per model)")
     parser.add_argument("--calibration-images", type=int,
                         help="training images for int8 calibration (default: config export.calibration_images)")
     parser.add_argument("--io", choices=IO_CHOICES, help="int8 variants' input/output type (default: config export.int8_io)")

@@ -73,7 +73,7 @@ def test_the_shipped_configs_pass_their_own_checks():
     ("seed=-1", "an integer >= 0"),
     ("class_weights=1", "true or false"),
     ("tune.lr=[0.001, 1e-05]", "low <= high"),
-    ("tune.dense_units=[]", "a non-empty list"),
+    ("tune.dense_units=[]", "a non-empty JSON list"),
     ("qat.temperature=0", "a number > 0"),
     ("qat.distill_weight=1.5", "a number in [0, 1]"),
     ("export.calibration_images=0", "an integer >= 1"),
@@ -207,3 +207,9 @@ def test_config_shows_the_values_a_set_and_a_config_file_give_and_checks_them(tm
     assert "mixup" in capsys.readouterr().err
     assert oncolite(["config", "--set", "mixupp=0.1"]) == EXIT_USAGE
     assert "did you mean 'mixup'" in capsys.readouterr().err
+    # A run directory given for its config file, or a file that is not text: one line, exit 2.
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    for wrong, says in ((tmp_path, "is a folder"), (tmp_path / "binary.json", "not valid JSON")):
+        assert oncolite(["config", "--config", str(wrong)]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err

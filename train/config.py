@@ -80,7 +80,9 @@ def read_config_file(path: str | Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found; check the path") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; give a JSON config file (a run's is RUN_DIR/config.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e}); fix the file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a JSON object; fix the file")
@@ -224,7 +226,7 @@ def _one_of(*choices):
 def _list_of(rule, allow_empty: bool = False):
     test, accepted = rule
     return ((lambda v: isinstance(v, list) and (allow_empty or bool(v)) and all(test(x) for x in v)),
-            f"a{'' if allow_empty else ' non-empty'} list, each {accepted}")
+            f"a{'' if allow_empty else ' non-empty'} JSON list, each {accepted} (e.g. --set 'key=[...]')")
 
 
 def _range_of(rule):
@@ -429,6 +431,7 @@ def parse_overrides(pairs: list[str] | None) -> dict:
     result: dict = {}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set {pair!r}: expected key=value, e.g. --set finetune_lr=1e-5 or --set augment.vflip=true")
         try:
