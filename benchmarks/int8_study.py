@@ -337,21 +337,48 @@ def ablation_markdown(ablation: dict) -> list[str]:
     return lines + [""]
 
 
-def pool(run: Path, recipes: list[str], labels: list[str], dirs: list[Path]) -> dict:
-    """Per recipe and side: pooled over the folds `dirs` (benchmarks.pooled's comparison), and each fold's agreement."""
+# The row of what export would ship: per fold, the recipe its rule picks on validation.
+CHOSEN = "chosen per fold"
+
+
+def choose_per_fold(run: Path, recipes: list[str], dirs: list[Path]) -> dict:
+    """Per fold, the recipe `oncolite export` would ship as `int8` if these (deployable) recipes
+    were its candidates: quantize.export.choose_int8's rule on the fold's validation side
+    (highest agreement with float, then smallest mean |Δp|, then the order given)."""
+    from oncolite.quantize.export import choose_int8
+
+    candidates = tuple(r for r in recipes if RECIPES[r][3] != "keras")
+    chosen = {}
+    for d in dirs:
+        f = run / "int8_study" / d.name
+        fidelity = {}
+        for recipe in candidates:
+            if (f / f"{recipe}.npz").exists():
+                ref, probs = np.load(f / "float.npz")["val_probs"].astype(np.float64), np.load(f / f"{recipe}.npz")["val_probs"]
+                fidelity[recipe] = {"agreement": float(np.mean(ref.argmax(1) == probs.argmax(1))),
+                                    "mean_abs_prob_diff": float(np.abs(probs - ref).mean())}
+        if fidelity:
+            chosen[d.name] = choose_int8(fidelity, order=candidates)
+    return chosen
+
+
+def pool(run: Path, recipes: list[str], labels: list[str], dirs: list[Path], chosen: dict | None = None) -> dict:
+    """Per recipe and side: pooled over the folds `dirs` (benchmarks.pooled's comparison), and each
+    fold's agreement; with `chosen` (fold -> recipe, choose_per_fold) also the CHOSEN row."""
     from .pooled import compare_pooled
     from edge_runtime.decision import margins
 
     folds = [run / "int8_study" / d.name for d in dirs]
     result = {}
-    for recipe in recipes:
+    for recipe in recipes + ([CHOSEN] if chosen else []):
         entry = {}
         for side in SIDES:
             ys, refs, others, per_fold, flipped = [], [], [], [], []
             for f in folds:
-                if not (f / f"{recipe}.npz").exists():
+                source = chosen.get(f.name) if recipe == CHOSEN else recipe
+                if source is None or not (f / f"{source}.npz").exists():
                     continue
-                ref, other = np.load(f / "float.npz"), np.load(f / f"{recipe}.npz")
+                ref, other = np.load(f / "float.npz"), np.load(f / f"{source}.npz")
                 y, p_ref, p = ref[f"{side}_y"], ref[f"{side}_probs"].astype(np.float64), other[f"{side}_probs"]
                 ys.append(y), refs.append(p_ref), others.append(p)
                 per_fold.append(float(np.mean(p_ref.argmax(1) == p.argmax(1))))
@@ -368,6 +395,8 @@ def pool(run: Path, recipes: list[str], labels: list[str], dirs: list[Path]) -> 
                            "flipped": flipped}
         if entry:
             result[recipe] = entry
+    if chosen and CHOSEN in result:
+        result[CHOSEN]["recipe_per_fold"] = chosen
     return result
 
 
@@ -391,6 +420,11 @@ def markdown(results: dict, command: str) -> str:
                          f"{100 * e['delta_accuracy']:+.2f} | {e['delta_mcc']:+.4f} | {e['delta_roc_auc']:+.4f} | "
                          f"{e['mean_abs_prob_diff']:.4f} |")
         lines.append("")
+    if CHOSEN in results:
+        picks = ", ".join(f"{fold}: {recipe}" for fold, recipe in results[CHOSEN]["recipe_per_fold"].items())
+        lines += [f"`{CHOSEN}`: on each fold, the recipe export's rule (`choose_int8`: highest validation agreement "
+                  f"with float, then smallest validation mean |Δp|, then the order given) would ship, among the "
+                  f"deployable recipes studied: {picks}.", ""]
     return "\n".join(lines)
 
 
@@ -428,7 +462,7 @@ def main(args) -> int:
     from oncolite.quantize.rundir import open_run
 
     labels = open_run(dirs[0]).labels
-    results = pool(run, recipes, labels, dirs)
+    results = pool(run, recipes, labels, dirs, choose_per_fold(run, recipes, dirs))
     out = Path(args.out or run / "int8_study")
     ablations = [pool_ablation(run, kind, dirs) for kind in ABLATIONS] if args.ablation else []
     write_json(out / "report.json", {"command": args.command_line, "recipes": results, "ablations": ablations})

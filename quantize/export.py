@@ -337,13 +337,14 @@ def export_one(run: Run, variant: str, source: dict, options: dict, make, calibr
     return {"status": "exported", "sidecar": sidecar, **ops}
 
 
-def choose_int8(fidelity: dict) -> str | None:
+def choose_int8(fidelity: dict, order: tuple = INT8_CANDIDATES) -> str | None:
     """The candidate to ship: the highest validation agreement with float, then the smallest mean
-    probability change (far less noisy than agreement on a few dozen images), then table order."""
-    present = [name for name in INT8_CANDIDATES if name in fidelity and fidelity[name]["agreement"] is not None]
+    probability change (far less noisy than agreement on a few dozen images), then `order` (the
+    table's)."""
+    present = [name for name in order if name in fidelity and fidelity[name]["agreement"] is not None]
     if not present:
         return None
-    return min(present, key=lambda n: (-fidelity[n]["agreement"], fidelity[n]["mean_abs_prob_diff"], INT8_CANDIDATES.index(n)))
+    return min(present, key=lambda n: (-fidelity[n]["agreement"], fidelity[n]["mean_abs_prob_diff"], order.index(n)))
 
 
 def ship_int8(run: Run, variants: list[str], float_model, chosen: list[dict], representative, calibration: dict,
