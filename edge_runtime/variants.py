@@ -27,9 +27,10 @@ VARIANTS = {v.name: v for v in (
     Variant("int8_gptq", "full-integer int8, post-training quantization with each kernel rounded to reconstruct "
                          "its layer's float output and bias correction (quantize.rounding)", "float", True, None,
             rounding="gptq"),
-    Variant("int8_gptq_act", "full-integer int8 with each kernel rounded, layer by layer, to reconstruct its float "
-                             "output from the int8 model's own inputs (earlier kernels and activations rounded), "
-                             "and bias correction (quantize.rounding)", "float", True, None, rounding="gptq_act"),
+    Variant("int8_gptq_act", "full-integer int8 like int8_gptq, but each kernel rounded layer by layer on the inputs "
+                             "the int8 model really gives it (earlier kernels and activations already rounded), so "
+                             "that it also makes up for their rounding: more faithful, minutes per model "
+                             "(quantize.rounding, docs/INT8.md)", "float", True, None, rounding="gptq_act"),
     Variant("int8_qat", "full-integer int8 from quantization-aware training", "qat", True, None),
     Variant("int8", "the int8 model to ship: the full-integer candidate (int8_ptq, int8_gptq, int8_gptq_act, int8_qat) that "
                     "agrees best with the float model on validation", "int8", True, None),
