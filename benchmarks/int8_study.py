@@ -34,7 +34,7 @@ from edge_runtime.console import add_output_flags, print_json, result, say
 from edge_runtime.errors import EXIT_OK, OncoliteError
 
 # name -> (weight rounding, bias correction, inputs, backend). Inputs the kernels are reconstructed
-# on: "float" (the float model's, one pass: export's recipe), "weights" (layer groups in turn on
+# on: "float" (the float model's, one pass: export's recipe), "weights" (layer by layer on
 # the inputs of the copy whose earlier kernels are rounded) or "int8" (of the copy whose earlier
 # kernels and every activation are rounded, on the grids of the fold's gptq_bias model).
 # Backends: "converter" (the TF converter's full-integer int8, as export makes int8_ptq), "keras"

@@ -188,8 +188,8 @@ def reconstruct_weights(model: keras.Model, batches, method: str = "gptq", bias_
     "nearest" keeps the converter's own rounding (only the bias correction changes anything).
     One pass (the default, export's recipe): every layer's kernel reconstructs its float output
     from the float model's own inputs, min_Q E||(W - Q) x||^2.
-    `sequential`: layers are rounded in groups, each on the inputs x~ the partly rounded copy
-    gives them (every earlier kernel rounded and, with `points` (activation_points of a
+    `sequential`: layers are rounded one at a time in graph order, each on the inputs x~ the
+    partly rounded copy gives it (every earlier kernel rounded and, with `points` (activation_points of a
     converted model), every activation rounded on those int8 grids as the converted model rounds
     it), and the kernel reconstructs the *float* output from them, min_Q E||W x - Q x~||^2 (the
     objective of AdaRound and BRECQ): it also makes up for what the layers before it changed.
