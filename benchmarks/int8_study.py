@@ -341,24 +341,24 @@ def ablation_markdown(ablation: dict) -> list[str]:
 CHOSEN = "chosen per fold"
 
 
-def choose_per_fold(run: Path, recipes: list[str], dirs: list[Path]) -> dict:
+def choose_per_fold(run: Path, recipes: list[str], labels: list[str], dirs: list[Path]) -> dict:
     """Per fold, the recipe `oncolite export` would ship as `int8` if these (deployable) recipes
     were its candidates: quantize.export.choose_int8's rule on the fold's validation side
-    (highest agreement with float, then smallest mean |Δp|, then the order given)."""
-    from oncolite.quantize.export import choose_int8
+    (highest agreement with float, then smallest mean |Δp|, then the order given), with the
+    study's top-1 decisions."""
+    from oncolite.quantize.export import choose_int8, fidelity
 
     candidates = tuple(r for r in recipes if RECIPES[r][3] != "keras")
     chosen = {}
     for d in dirs:
         f = run / "int8_study" / d.name
-        fidelity = {}
-        for recipe in candidates:
-            if (f / f"{recipe}.npz").exists():
-                ref, probs = np.load(f / "float.npz")["val_probs"].astype(np.float64), np.load(f / f"{recipe}.npz")["val_probs"]
-                fidelity[recipe] = {"agreement": float(np.mean(ref.argmax(1) == probs.argmax(1))),
-                                    "mean_abs_prob_diff": float(np.abs(probs - ref).mean())}
-        if fidelity:
-            chosen[d.name] = choose_int8(fidelity, order=candidates)
+        if not (f / "float.npz").exists():
+            continue
+        ref = np.load(f / "float.npz")["val_probs"].astype(np.float64)
+        found = {r: fidelity(np.load(f / f"{r}.npz")["val_probs"], ref, None, labels)
+                 for r in candidates if (f / f"{r}.npz").exists()}
+        if found:
+            chosen[d.name] = choose_int8(found, order=candidates)
     return chosen
 
 
@@ -430,7 +430,7 @@ def markdown(results: dict, command: str) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("run", help="a run directory (a CV run with folds/<i>/, or one fold)")
-    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {','.join(RECIPES)}")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {', '.join(RECIPES)}")
     parser.add_argument("--folds", help="comma-separated fold numbers (default: all)")
     parser.add_argument("--out", help="report folder (default: RUN/int8_study)")
     parser.add_argument("--ablation", action="store_true",
@@ -462,7 +462,7 @@ def main(args) -> int:
     from oncolite.quantize.rundir import open_run
 
     labels = open_run(dirs[0]).labels
-    results = pool(run, recipes, labels, dirs, choose_per_fold(run, recipes, dirs))
+    results = pool(run, recipes, labels, dirs, choose_per_fold(run, recipes, labels, dirs))
     out = Path(args.out or run / "int8_study")
     ablations = [pool_ablation(run, kind, dirs) for kind in ABLATIONS] if args.ablation else []
     write_json(out / "report.json", {"command": args.command_line, "recipes": results, "ablations": ablations})

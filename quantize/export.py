@@ -270,13 +270,18 @@ class Validation:
         self._probs[written_sha256] = self.probs(model_bytes)
 
     def fidelity(self, model_bytes: bytes) -> dict:
-        """How closely a model follows the float model here: decision agreement and mean |Δp|."""
-        from edge_runtime.decision import decisions
+        """How closely a model follows the float model here (`fidelity`)."""
+        return fidelity(self.probs(model_bytes), self.float_probs, self.run.threshold(), self.run.labels)
 
-        probs, rule = self.probs(model_bytes), self.run.threshold()
-        same = decisions(probs, rule, self.run.labels) == decisions(self.float_probs, rule, self.run.labels)
-        return {"n": int(len(probs)), "agreement": float(same.mean()) if len(probs) else None,
-                "mean_abs_prob_diff": float(np.abs(probs - self.float_probs).mean()) if len(probs) else None}
+
+def fidelity(probs: np.ndarray, float_probs: np.ndarray, rule, labels: list[str]) -> dict:
+    """What choose_int8 ranks: decision agreement with the float model (under the run's decision
+    rule) and mean |Δp| on the same images."""
+    from edge_runtime.decision import decisions
+
+    same = decisions(probs, rule, labels) == decisions(float_probs, rule, labels)
+    return {"n": int(len(probs)), "agreement": float(same.mean()) if len(probs) else None,
+            "mean_abs_prob_diff": float(np.abs(probs - float_probs).mean()) if len(probs) else None}
 
 
 def export_variants(run: Run, variants: list[str], chosen: list[dict], io: str, allow_float_ops: bool = False,

@@ -43,7 +43,7 @@ def test_chosen_row_follows_exports_rule_on_each_folds_validation_side(tmp_path)
                    "weights_gptq_bias": {"val": ref["val"], "test": ref["test"]}}
         dirs.append(_fold(tmp_path, fold, ref, recipes))
     recipes = ["ptq", "gptq_bias", "weights_gptq_bias"]
-    chosen = int8_study.choose_per_fold(tmp_path, recipes, dirs)
+    chosen = int8_study.choose_per_fold(tmp_path, recipes, LABELS, dirs)
     assert chosen == {"0": "gptq_bias", "1": "ptq"}  # fewer validation flips wins, fold by fold
     results = int8_study.pool(tmp_path, recipes, LABELS, dirs, chosen)
     row = results[int8_study.CHOSEN]
