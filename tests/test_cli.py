@@ -239,7 +239,7 @@ def test_variants_table_config_and_export_flag_agree():
             parse_variants(name, [])
         with pytest.raises(ConfigError):
             with_overrides(config, [f'export.variants=["{name}"]'], "export")
-    assert ",".join(SELECTABLE) in parser_of("export")._option_string_actions["--variants"].help
+    assert ", ".join(SELECTABLE) in parser_of("export")._option_string_actions["--variants"].help
 
 
 # --------------------------------------------------------------------- old spellings keep working
