@@ -22,6 +22,7 @@ and the float model that everything is compared with is left untouched.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -119,34 +120,6 @@ class InputMoments:
         return "cross" in self.sums
 
 
-def collect_moments(model: keras.Model, layers: list, batches, reference: keras.Model | None = None) -> list[InputMoments]:
-    """One pass over the calibration batches through `model`, accumulating each layer's input
-    moments (memory: one batch of activations, never the whole set); with a `reference` model
-    (the float one) its same-named layers' inputs are paired with them."""
-    probe = keras.Model(model.input, [_input_of(model, layer) for layer in layers])
-    if reference is not None:
-        reference_probe = keras.Model(reference.input, [reference.get_layer(layer.name).input for layer in layers])
-    moments = [InputMoments(layer) for layer in layers]
-    for batch in batches:
-        outputs = _as_list(probe(batch, training=False))
-        references = _as_list(reference_probe(batch, training=False)) if reference is not None else [None] * len(layers)
-        for layer, m, x, r in zip(layers, moments, outputs, references):
-            m.add(patches(layer, x), None if r is None else patches(layer, r))
-    return moments
-
-
-def _as_list(outputs) -> list:
-    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-
-
-def _input_of(model: keras.Model, layer):
-    """The input of `model`'s layer of this name in `model`'s graph: a layer shared with a copy
-    of the model (the activation simulation calls the copy's layers again, or wraps them) has
-    one input per graph, the last one being the newest model's."""
-    own = model.get_layer(layer.name)
-    return own.get_input_at(len(own.inbound_nodes) - 1)
-
-
 def gptq(rows: np.ndarray, second: np.ndarray, step: np.ndarray) -> np.ndarray:
     """Integer kernel rows minimizing E||(W - step*Q) x||^2 greedily, weight by weight.
 
@@ -184,7 +157,9 @@ def reconstruct_weights(model: keras.Model, batches, method: str = "gptq", bias_
     """A copy of the float model whose kernels, once the converter folds and rounds them,
     are the chosen int8 kernels; returns (model, per-layer report rows).
 
-    `batches`: preprocessed calibration batches (N x H x W x 3 float32), read more than once.
+    `batches`: preprocessed calibration batches (N x H x W x 3 float32); the walk through the
+    network holds every batch's activations at the current layer (about 1 GB per 200 images at
+    224 px for MobileNetV2), twice when sequential (the float model's beside the rounded copy's).
     "nearest" keeps the converter's own rounding (only the bias correction changes anything).
     One pass (the default, export's recipe): every layer's kernel reconstructs its float output
     from the float model's own inputs, min_Q E||(W - Q) x||^2.
@@ -207,14 +182,11 @@ def reconstruct_weights(model: keras.Model, batches, method: str = "gptq", bias_
             probe, switches = simulate_activations(clone, points)
             for switch in switches.values():
                 switch.assign(1.0)
+        steps = layer_moments(probe, pairs, batches, reference=model)
     else:
-        moments = collect_moments(model, [model.get_layer(layer.name) for layer, _ in pairs], batches)
+        steps = layer_moments(model, pairs, batches)
     report = []
-    for index, (layer, bn) in enumerate(pairs):
-        # Sequential: one pass per layer, on inputs that carry every earlier layer's change. (Inputs
-        # read before the layer just in front of it changed would make its bias correction undo
-        # an upstream error that one had already undone: twice the correction, growing with depth.)
-        m = collect_moments(probe, [layer], batches, reference=model)[0] if sequential else moments[index]
+    for (layer, bn), m in steps:
         rows = folded_kernel(layer, bn)
         step = grid_step(rows)
         nearest = round_nearest(rows, step) * step[:, None]
@@ -241,6 +213,48 @@ def reconstruct_weights(model: keras.Model, batches, method: str = "gptq", bias_
         if bias_correction:
             correct_bias(layer, bn, shift.astype(np.float32))
     return clone, report
+
+
+def layer_moments(model: keras.Model, pairs: list, batches: list, reference: keras.Model | None = None):
+    """((layer, bn), the InputMoments of its inputs in `model`) for each weight layer of `pairs`,
+    in graph order; with a `reference` model (the float one) paired with its inputs there. The
+    walk through `model` applies a layer only when the next one is asked for, so a caller that
+    rounds each layer of `model` in between reads every layer's inputs as the rounded layers
+    before it make them. (Inputs read before the layer just in front of it changed would make
+    its bias correction undo an upstream error that one had already undone: twice the
+    correction, growing with depth.)"""
+    pair_of = {layer.name: (layer, bn) for layer, bn in pairs}
+    references = walk(reference, batches) if reference is not None else itertools.repeat((None, None))
+    for (layer, inputs), (float_layer, float_inputs) in zip(walk(model, batches), references):
+        if float_layer is not None and float_layer.name != layer.name:
+            raise ValueError(f"layer {layer.name} is {float_layer.name} in the float model: not the same graph")
+        if layer.name in pair_of:
+            own = pair_of[layer.name][0]
+            m = InputMoments(own)
+            for b, x in enumerate(inputs):
+                m.add(patches(own, x), None if float_inputs is None else patches(own, float_inputs[b]))
+            yield pair_of[layer.name], m
+
+
+def walk(model: keras.Model, batches: list):
+    """Run a functional model one layer at a time over every batch, yielding (layer, its input for
+    each batch) just before the layer is applied, so that the caller may change its weights
+    first. Only the outputs that later layers still read are kept: the whole sequential rounding
+    is one pass through the network (probing each layer from the model's input was one per layer).
+    The graph is walked as Keras's own Functional._run_internal_graph walks it (its nodes by
+    depth, each tensor kept for as many readers as it has), batch by batch at every node."""
+    usage = model._tensor_usage_count
+    states = [{str(id(x)): [tf.convert_to_tensor(batch)] * usage[str(id(x))] for x in model.inputs} for batch in batches]
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if node.is_input or any(t not in states[0] for t in node.flat_input_ids):
+                continue
+            arguments = [node.map_arguments(state) for state in states]
+            yield node.layer, [args[0] for args, _ in arguments]
+            for state, (args, kwargs) in zip(states, arguments):
+                outputs = node.layer(*args, **{"training": False, **kwargs})
+                for key, y in zip(node.flat_output_ids, tf.nest.flatten(outputs)):
+                    state[key] = [y] * usage[key]
 
 
 def _damped(second: np.ndarray) -> np.ndarray:

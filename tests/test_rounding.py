@@ -179,3 +179,30 @@ def test_sequential_reconstruction_makes_up_for_what_the_rounded_inputs_changed(
         axes = tuple(range(reference.ndim - 1))
         drift = np.abs(got.mean(axis=axes) - reference.mean(axis=axes)).max()
         assert drift < 2e-5 * max(1.0, np.abs(reference).mean()), f"{name}: output mean {drift:.2e} off float's"
+
+
+def test_the_walk_computes_what_the_model_computes_and_applies_a_layer_only_when_asked():
+    """Sequential rounding walks the network once, layer by layer over every batch: each layer's
+    input is what the model itself gives that layer (residual adds included), and a kernel the
+    caller changes at its turn is the one the walk then applies."""
+    from oncolite.quantize.rounding import walk
+
+    model, calib = tiny_model(), gray_images(6, 1)
+    batches = [calib[:4], calib[4:]]
+    seen = {}
+    for layer, inputs in walk(model, batches):
+        assert len(inputs) == len(batches)
+        seen[layer.name] = inputs
+    assert sorted(seen) == sorted(layer.name for layer in model.layers[1:])
+    single = [n for n in seen if not isinstance(model.get_layer(n).input, list)]  # an add's two inputs: its output is read
+    expected = keras.Model(model.input, [model.get_layer(n).input for n in single]).predict(calib, verbose=0)
+    for name, want in zip(single, expected):
+        np.testing.assert_allclose(np.concatenate([np.asarray(b) for b in seen[name]]), want, atol=1e-5, err_msg=name)
+    # Zeroing the first conv's kernel at its turn: every later input is the zeroed model's.
+    first = weight_layers(model)[0][0]
+    for layer, inputs in walk(model, batches):
+        if layer is first:
+            first.set_weights([np.zeros_like(w) for w in first.get_weights()])
+        if layer is model.layers[-1]:
+            head_input = np.concatenate([np.asarray(b) for b in inputs])
+    assert np.allclose(head_input, head_input[0])  # every image gives the same (constant) features
