@@ -29,7 +29,7 @@ VARIANTS = {v.name: v for v in (
             rounding="gptq"),
     Variant("int8_gptq_act", "full-integer int8 like int8_gptq, but each kernel rounded layer by layer on the inputs "
                              "the int8 model really gives it (earlier kernels and activations already rounded), so "
-                             "that it also makes up for their rounding: more faithful, minutes per model "
+                             "that it also makes up for their rounding: more faithful, a few minutes per model "
                              "(quantize.rounding, docs/INT8.md)", "float", True, None, rounding="gptq_act"),
     Variant("int8_qat", "full-integer int8 from quantization-aware training", "qat", True, None),
     Variant("int8", "the int8 model to ship: the full-integer candidate (int8_ptq, int8_gptq, int8_gptq_act, int8_qat) that "

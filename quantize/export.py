@@ -4,7 +4,7 @@ The variants are edge_runtime.variants' table. fp32, fp16 and dynamic-range come
 model. Full-integer candidates: int8_ptq is the converter's plain post-training
 quantization (the textbook baseline); int8_gptq rounds each conv kernel to reconstruct the
 layer's float output and corrects the biases (quantize.rounding) before the same conversion;
-int8_gptq_act (opt-in: minutes per model) rounds layer by layer on the int8 model's own inputs;
+int8_gptq_act rounds layer by layer on the int8 model's own inputs (a few minutes per model);
 int8_qat converts the QAT model. `int8`, the model to ship, is the candidate that agrees best
 with the float model on the validation side (ties: the smaller mean probability change), and
 `int8_uint8` is that model with uint8 input/output and a batch of 1 (MediaPipe Tasks and
@@ -63,8 +63,7 @@ def add_arguments(parser) -> None:
                         help="run directory holding models/float.keras (and qat.keras), or your own model: a Keras "
                              "file (.keras, .h5) or a SavedModel directory, with --data or --manifest")
     parser.add_argument("--run", dest="old_run", help=argparse.SUPPRESS)  # the old spelling of RUN_DIR
-    parser.add_argument("--variants", help=f"comma-separated, from {', '.join(SELECTABLE)} (default: config export.variants; "
-                                           "int8_gptq_act is opt-in: minutes per model)")
+    parser.add_argument("--variants", help=f"comma-separated, from {', '.join(SELECTABLE)} (default: config export.variants)")
     parser.add_argument("--calibration-images", type=int,
                         help="training images for int8 calibration (default: config export.calibration_images)")
     parser.add_argument("--io", choices=IO_CHOICES, help="int8 variants' input/output type (default: config export.int8_io)")

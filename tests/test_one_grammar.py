@@ -565,9 +565,12 @@ def test_run_shows_each_stages_result_line_and_a_short_summary_not_whole_reports
 
 def test_a_done_stage_whose_models_changed_since_is_redone(data, tmp_path, monkeypatch, capsys):
     """A user re-ran `oncolite quantize` and `export` by hand: the next `oncolite run` redoes the
-    benchmark (and export, when the QAT model is newer than the export report), saying why."""
+    benchmark (and export, when the QAT model is newer than the export report), saying why; and
+    an export that lacks a variant the plan now names (a newer default) is run again, keeping
+    what it made."""
     import os
 
+    from oncolite.pipeline import FIRST_FOLD_VARIANTS
     from oncolite.train.rundir import RunDir
 
     calls = recorded_run(monkeypatch)
@@ -577,15 +580,17 @@ def test_a_done_stage_whose_models_changed_since_is_redone(data, tmp_path, monke
     calls.clear()
     d = RunDir(run)
 
-    def made(path, when):
+    def made(path, when, text="{}"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("{}")
+        path.write_text(text)
         os.utime(path, ns=(when * 10**9, when * 10**9))
 
+    planned = FIRST_FOLD_VARIANTS.split(",")
+    report = json.dumps({"variants": {name: {} for name in planned}})
     made(d.float_model, 100)
     made(d.eval_dir("float") / "metrics.json", 200)
     made(d.qat_model, 150)
-    made(d.export_report, 300)
+    made(d.export_report, 300, report)
     made(d.variant("int8"), 300)
     made(d.benchmark_report, 250)
     capsys.readouterr()
@@ -604,6 +609,15 @@ def test_a_done_stage_whose_models_changed_since_is_redone(data, tmp_path, monke
 
     calls.clear()
     made(d.benchmark_report, 600)
-    made(d.export_report, 600)
+    made(d.export_report, 600, report)
     assert oncolite(argv) == EXIT_OK
     assert calls == []
+
+    made(d.export_report, 600, json.dumps({"variants": {name: {} for name in planned if name != "int8_gptq_act"}}))
+    made(d.sidecar("int8_ptq"), 600)
+    made(d.variant("int8_ptq"), 600)
+    capsys.readouterr()
+    assert oncolite(argv) == EXIT_OK
+    assert [c[0] for c in calls] == ["export"]
+    assert "(redone: it did not make int8_gptq_act)" in capsys.readouterr().err
+    assert d.sidecar("int8_ptq").exists()  # the variants it made stay, found up to date by export
