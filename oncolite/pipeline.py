@@ -14,12 +14,13 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from edge_runtime.atomic import write_json, write_text
+from edge_runtime.atomic import write_bytes, write_json, write_text
 from edge_runtime.console import add_output_flags, old_spelling, print_json, result, say
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from edge_runtime.resources import WORKSPACE, shown
@@ -276,11 +277,15 @@ def stale_inputs(stage: str, fold_dir: Path) -> list[str]:
 def missing_variants(argv: list[str], fold_dir: Path) -> list[str]:
     """The variants a finished export step is now asked for that its export report lacks (a newer
     oncolite exports more by default): the step runs again and makes only those, the others are
-    up to date, and `int8` is chosen again among all the candidates. Empty without a report."""
+    up to date, and `int8` is chosen again among all the candidates. Empty without a report;
+    every variant when the report cannot be read."""
     path = RunDir(fold_dir).export_report
     if "--variants" not in argv or not path.is_file():
         return []
-    made = json.loads(path.read_text(encoding="utf-8")).get("variants") or {}
+    try:
+        made = json.loads(path.read_text(encoding="utf-8")).get("variants") or {}
+    except (ValueError, AttributeError):
+        made = {}
     return [name for name in argv[argv.index("--variants") + 1].split(",") if name not in made]
 
 
@@ -439,11 +444,17 @@ def publish(run: Path, fold_dir: Path, name: str) -> None:
 
 
 def _copy(src: Path, dst: Path) -> None:
-    if src.is_file():
-        from edge_runtime.atomic import atomic_path
+    """A copy; a text report's paths inside the workspace become relative to it (recorded
+    commands, image paths), so that the committed reports name files the same on every machine."""
+    if not src.is_file():
+        return
+    if src.suffix in (".md", ".json", ".csv") and src.name != "manifest.json":  # a manifest stays as hashed
+        write_bytes(dst, src.read_bytes().replace(os.fsencode(f"{WORKSPACE.resolve()}/"), b""))
+        return
+    from edge_runtime.atomic import atomic_path
 
-        with atomic_path(dst) as tmp:
-            shutil.copyfile(src, tmp)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _dataset_name(data: Path) -> str | None:

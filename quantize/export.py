@@ -113,7 +113,7 @@ def representative_dataset(items: list[dict], prep, quiet: bool = True):
 
 
 def calibration_batches(items: list[dict], prep, batch_size: int = 16):
-    """The same calibration images in batches, for quantize.rounding (one batch in memory at a time)."""
+    """The same calibration images in batches, for quantize.rounding."""
     for start in range(0, len(items), batch_size):
         yield np.stack([preprocess(item["path"], prep) for item in items[start:start + batch_size]])
 

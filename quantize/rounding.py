@@ -157,9 +157,10 @@ def reconstruct_weights(model: keras.Model, batches, method: str = "gptq", bias_
     """A copy of the float model whose kernels, once the converter folds and rounds them,
     are the chosen int8 kernels; returns (model, per-layer report rows).
 
-    `batches`: preprocessed calibration batches (N x H x W x 3 float32); the walk through the
-    network holds every batch's activations at the current layer (about 1 GB per 200 images at
-    224 px for MobileNetV2), twice when sequential (the float model's beside the rounded copy's).
+    `batches`: preprocessed calibration batches (N x H x W x 3 float32). The sequential walk holds
+    every batch's activations at the current layer, a layer's input and output at once, for the
+    float model and the rounded copy: about 4 GB at MobileNetV2's widest layer for 200 images at
+    224 px (the one pass holds one batch).
     "nearest" keeps the converter's own rounding (only the bias correction changes anything).
     One pass (the default, export's recipe): every layer's kernel reconstructs its float output
     from the float model's own inputs, min_Q E||(W - Q) x||^2.
@@ -216,24 +217,38 @@ def reconstruct_weights(model: keras.Model, batches, method: str = "gptq", bias_
 
 
 def layer_moments(model: keras.Model, pairs: list, batches: list, reference: keras.Model | None = None):
-    """((layer, bn), the InputMoments of its inputs in `model`) for each weight layer of `pairs`,
-    in graph order; with a `reference` model (the float one) paired with its inputs there. The
-    walk through `model` applies a layer only when the next one is asked for, so a caller that
-    rounds each layer of `model` in between reads every layer's inputs as the rounded layers
-    before it make them. (Inputs read before the layer just in front of it changed would make
-    its bias correction undo an upstream error that one had already undone: twice the
-    correction, growing with depth.)"""
+    """((layer, bn), the InputMoments of its inputs in `model`) for each weight layer of `pairs`.
+
+    Without a `reference`, `model` is the float model, which nothing changes: its layers' inputs
+    are read one batch at a time (memory: one batch of activations). With one (the float model),
+    `model` is the copy being rounded: both are walked in lockstep over every batch, each layer's
+    inputs paired with the float model's, and the walk applies a layer only when the next one is
+    asked for, so a caller that rounds each layer in between reads every layer's inputs as the
+    rounded layers before it make them. (Inputs read before the layer just in front of it changed
+    would make its bias correction undo an upstream error that one had already undone: twice
+    the correction, growing with depth.)"""
     pair_of = {layer.name: (layer, bn) for layer, bn in pairs}
-    references = walk(reference, batches) if reference is not None else itertools.repeat((None, None))
-    for (layer, inputs), (float_layer, float_inputs) in zip(walk(model, batches), references):
-        if float_layer is not None and float_layer.name != layer.name:
+    if reference is None:
+        moments = {name: InputMoments(layer) for name, (layer, _) in pair_of.items()}
+        for batch in batches:
+            for layer, inputs in walk(model, [batch]):
+                if layer.name in pair_of:
+                    moments[layer.name].add(patches(pair_of[layer.name][0], inputs[0]))
+        yield from ((pair, moments[pair[0].name]) for pair in pairs)
+        return
+    seen = set()
+    for (layer, inputs), (float_layer, float_inputs) in zip(walk(model, batches), walk(reference, batches), strict=True):
+        if float_layer.name != layer.name:
             raise ValueError(f"layer {layer.name} is {float_layer.name} in the float model: not the same graph")
         if layer.name in pair_of:
             own = pair_of[layer.name][0]
             m = InputMoments(own)
-            for b, x in enumerate(inputs):
-                m.add(patches(own, x), None if float_inputs is None else patches(own, float_inputs[b]))
+            for x, r in zip(inputs, float_inputs):
+                m.add(patches(own, x), patches(own, r))
+            seen.add(layer.name)
             yield pair_of[layer.name], m
+    if seen != set(pair_of):
+        raise ValueError(f"layers {', '.join(sorted(set(pair_of) - seen))} are not on the path from the input to the output")
 
 
 def walk(model: keras.Model, batches: list):
@@ -243,6 +258,10 @@ def walk(model: keras.Model, batches: list):
     is one pass through the network (probing each layer from the model's input was one per layer).
     The graph is walked as Keras's own Functional._run_internal_graph walks it (its nodes by
     depth, each tensor kept for as many readers as it has), batch by batch at every node."""
+    if len(model.inputs) != 1:
+        raise ValueError(f"weight rounding needs a model with one input, {model.name} has {len(model.inputs)}")
+    if not batches:
+        raise ValueError("weight rounding needs calibration images, got none")
     usage = model._tensor_usage_count
     states = [{str(id(x)): [tf.convert_to_tensor(batch)] * usage[str(id(x))] for x in model.inputs} for batch in batches]
     for depth in sorted(model._nodes_by_depth, reverse=True):
@@ -252,7 +271,7 @@ def walk(model: keras.Model, batches: list):
             arguments = [node.map_arguments(state) for state in states]
             yield node.layer, [args[0] for args, _ in arguments]
             for state, (args, kwargs) in zip(states, arguments):
-                outputs = node.layer(*args, **{"training": False, **kwargs})
+                outputs = node.layer(*args, **({"training": False} | kwargs))  # inference, unless the graph says
                 for key, y in zip(node.flat_output_ids, tf.nest.flatten(outputs)):
                     state[key] = [y] * usage[key]
 

@@ -42,8 +42,8 @@ def test_run_makes_every_stage_then_skips_and_redoes_from_a_stage(tmp_path):
     first = oncolite("run", data, "--run", run, "--profile", "quick", "--json", *sets, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads(first.stdout)
-    assert {"keras_float", "tflite_fp32", "tflite_int8_ptq", "tflite_int8_gptq", "tflite_int8_qat",
-            "tflite_int8"} <= set(summary["variants"])
+    assert {"keras_float", "tflite_fp32", "tflite_int8_ptq", "tflite_int8_gptq", "tflite_int8_gptq_act",
+            "tflite_int8_qat", "tflite_int8"} <= set(summary["variants"])
     assert summary["split"]["kind"] == "group"
     stages = json.loads((run / "stages.json").read_text())
     assert [k for k in stages if k != "settings"] == ["audit", "split", "train", "evaluate", "quantize", "export", "benchmark"]
@@ -85,3 +85,19 @@ def test_run_makes_every_stage_then_skips_and_redoes_from_a_stage(tmp_path):
     assert stale.stderr.count("done before, skipped") == 6
     assert (run / "benchmark" / "report.json").stat().st_mtime_ns > bench_mtime
     assert len(stale.stdout.splitlines()) < 40  # stage result lines, the table and the report path
+
+
+def test_published_reports_name_workspace_files_relative_to_it(tmp_path):
+    """--publish copies reports into the repository: a recorded command or image path inside the
+    workspace comes out relative to it; a manifest stays byte for byte (its sha256 names the split)."""
+    from edge_runtime.resources import WORKSPACE
+    from oncolite.pipeline import _copy
+
+    inside = f"{WORKSPACE.resolve()}/data/busi/benign/benign (1).png"
+    for name in ("predictions.csv", "metrics.json", "manifest.json", "plot.png"):
+        (tmp_path / name).write_text(f"path,{inside}\n")
+        _copy(tmp_path / name, tmp_path / "out" / name)
+    for name in ("predictions.csv", "metrics.json"):
+        assert (tmp_path / "out" / name).read_text() == "path,data/busi/benign/benign (1).png\n"
+    for name in ("manifest.json", "plot.png"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / name).read_bytes()

@@ -228,7 +228,7 @@ def test_shipped_int8_is_the_most_faithful_candidate(run_dir, exported):
 
 
 def test_int8_gptq_act_rounds_on_the_int8_models_own_inputs_and_is_a_candidate(run_dir, exported):
-    """The opt-in int8_gptq_act: its own recorded recipe, integer only, a model other than
+    """int8_gptq_act: its own recorded recipe, integer only, a model other than
     int8_gptq's (kernels reconstructed on other inputs), one of the candidates `int8` is chosen
     from, and up to date when exported again."""
     from oncolite.quantize.rounding import RECIPES

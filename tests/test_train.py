@@ -301,6 +301,9 @@ def test_an_old_runs_config_is_its_own_not_refused_for_keys_added_since(tmp_path
         refuse_other_run(run, load_config(overrides={"batch_size": 8}))
     with pytest.raises(OncoliteError, match="another config"):
         refuse_other_run(run, load_config(overrides={"batch_size": 4, "augment": {"zoom": 0.3}}))
+    # Export's and benchmark's settings (a newer default variant list) train no other model.
+    refuse_other_run(run, load_config(overrides={"batch_size": 4, "export": {"variants": ["fp32"]},
+                                                 "benchmark": {"runs": 3}}))
     # A key today's defaults.json no longer has stays the run's own, not an "unknown key" error.
     (run / "config.json").write_text(json.dumps({**stored, "retired_setting": 1}))
     assert stored_config(run / "config.json")["retired_setting"] == 1
@@ -424,7 +427,7 @@ def test_mixup_blends_each_image_and_its_target_by_the_same_weight():
 
     images = tf.constant(np.arange(8, dtype=np.float32).reshape(8, 1, 1, 1) * np.ones((8, 4, 4, 3), np.float32))
     labels = tf.constant([0, 1, 2, 0, 1, 2, 0, 1])
-    mixed, targets = mixer(0.4, 3, seed=0)(images, labels)
+    mixed, targets = mixer(3, seed=0, mixup=0.4)(images, labels)
     mixed, targets = mixed.numpy(), targets.numpy()
     assert targets.shape == (8, 3) and np.allclose(targets.sum(axis=1), 1.0)
     assert np.allclose(mixed, mixed[:, :1, :1, :1])  # a blend of two flat images is flat
@@ -434,10 +437,43 @@ def test_mixup_blends_each_image_and_its_target_by_the_same_weight():
     assert mixed.min() >= 0.0 and mixed.max() <= 7.0 and not np.allclose(mixed[:, 0, 0, 0], np.arange(8))
 
 
+def test_cutmix_pastes_a_box_of_another_image_and_weights_the_target_by_the_area_kept():
+    import tensorflow as tf
+
+    from oncolite.train.data import mixer
+
+    # Image i is flat at value i and has label i: every pixel says which image it came from.
+    images = tf.constant(np.arange(8, dtype=np.float32).reshape(8, 1, 1, 1) * np.ones((8, 16, 16, 3), np.float32))
+    labels = tf.constant(np.arange(8))
+    mixed, targets = mixer(8, seed=0, cutmix=1.0)(images, labels)
+    mixed, targets = mixed.numpy()[..., 0], targets.numpy()
+    assert np.allclose(targets.sum(axis=1), 1.0)
+    pasted = 0
+    for i in range(8):
+        own = mixed[i] == i
+        assert np.isclose(targets[i, i], own.mean(), atol=1e-6), i  # the target's share is the area kept
+        other = np.unique(mixed[i][~own])
+        assert len(other) <= 1  # one partner per image
+        if len(other):
+            pasted += 1
+            rows, cols = np.nonzero(~own)  # the pasted pixels form one rectangle
+            assert (~own)[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+            assert np.isclose(targets[i, int(other[0])], 1 - own.mean(), atol=1e-6)
+    assert pasted >= 4
+    # Both, as training runs it (inside tf.data's graph): each batch is mixed one way or the other.
+    flat = []
+    for seed in range(6):
+        ds = tf.data.Dataset.from_tensors((images, labels)).map(mixer(8, seed=seed, mixup=0.4, cutmix=1.0))
+        batch, targets = next(iter(ds))
+        assert np.allclose(targets.numpy().sum(axis=1), 1.0)
+        flat.append(np.allclose(batch.numpy(), batch.numpy()[:, :1, :1, :]))  # mixup keeps flat images flat
+    assert any(flat) and not all(flat)
+
+
 def test_weight_decay_label_smoothing_and_mixup_train_and_the_model_loads_anywhere(tmp_path):
-    """AdamW shrinks the trained weights against plain Adam on the same run (mixup's soft targets
-    and the class weights train together); the saved float model carries no custom loss, so plain
-    Keras loads it compiled or not."""
+    """AdamW shrinks the trained weights against plain Adam on the same run (mixup's and cutmix's
+    soft targets and the class weights train together); the saved float model carries no custom
+    loss, so plain Keras loads it compiled or not."""
     import tf_keras as keras
 
     from oncolite.train.train import train_run
@@ -445,7 +481,8 @@ def test_weight_decay_label_smoothing_and_mixup_train_and_the_model_loads_anywhe
     manifest = load_manifest(planted_manifest(tmp_path, TL_VS_BR, counts=(24, 8, 8)))
     short = {**PRETRAINED, "head_epochs": 2, "finetune_epochs": 0, "head_lr": 0.01, "seed": 3, "deterministic": True}
     norms = {}
-    for name, extra in (("adam", {}), ("adamw", {"weight_decay": 0.5, "label_smoothing": 0.2, "mixup": 0.4})):
+    for name, extra in (("adam", {}), ("adamw", {"weight_decay": 0.5, "label_smoothing": 0.2, "mixup": 0.4,
+                                                  "cutmix": 1.0})):
         train_run(tmp_path / name, manifest, load_config(overrides={**short, **extra}), {"manifest": str(manifest.path)},
                   quiet=True)
         model = keras.models.load_model(tmp_path / name / "models" / "float.keras", safe_mode=True)

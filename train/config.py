@@ -268,6 +268,7 @@ RULES = {
     "weight_decay": _number(0, 1),
     "label_smoothing": _number(0, 1),
     "mixup": _number(0, 10, high_open=False),
+    "cutmix": _number(0, 10, high_open=False),
     "ema": _number(0, 1),
     "train_fraction": _number(0, 1, low_open=True, high_open=False),
     "class_weights": _BOOL,
@@ -337,6 +338,8 @@ DOCS = {
     "weight_decay": "decoupled weight decay (AdamW) per step, relative to the learning rate; 0: plain Adam",
     "label_smoothing": "share of each one-hot target spread evenly over the classes (0: none)",
     "mixup": "mixup's Beta(a, a) parameter: each training image blended with another of its batch, targets alike (0: none)",
+    "cutmix": "cutmix's Beta(a, a) parameter: a box of another image of the batch pasted over each training image, "
+              "the target weighted by area (0: none; with mixup too, each batch takes one of the two)",
     "train_fraction": "share of the training side that trains (whole duplicate groups, per class, fixed by `seed`): "
                       "below 1 for a learning curve",
     "ema": "decay of an exponential moving average of the weights, updated every step; validation, the best "
@@ -374,7 +377,9 @@ DOCS = {
     "qat.distill_weight": "share of the distillation term in the QAT loss (the rest: label cross-entropy)",
     "qat.temperature": "distillation temperature",
     "qat.patience": "QAT epochs without better validation agreement before stopping",
-    "export.calibration_images": "training images that calibrate the integer models' activation ranges",
+    "export.calibration_images": "training images that calibrate the integer models' activation ranges and round "
+                                 "int8_gptq's and int8_gptq_act's kernels (int8_gptq_act holds their activations "
+                                 "in memory: ~4 GB for 200 at 224 px)",
     "export.variants": "what `oncolite export` makes (the variants table, edge_runtime/variants.py)",
     "export.int8_io": "integer models' input/output type: int8, uint8 or float",
     "export.gate": "largest validation accuracy loss against float an integer model may have before the export warns (and runs the quantization debugger)",

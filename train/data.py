@@ -63,14 +63,14 @@ def should_cache(n_items: int, prep: Preprocessing, cache) -> bool:
 
 def make_dataset(items: list[dict], labels: list[str], prep: Preprocessing, batch_size: int,
                  augment: dict | None = None, shuffle: bool = False, seed: int = 0, cache="auto",
-                 oversample: bool = False, mixup: float = 0.0) -> tf.data.Dataset:
+                 oversample: bool = False, mixup: float = 0.0, cutmix: float = 0.0) -> tf.data.Dataset:
     """Batches of (float32 normalized image, int32 label index).
 
     cache: True keeps the preprocessed images in memory after the first pass, False streams
     them from disk every epoch, "auto" decides by size. oversample: every class drawn equally
     often (random oversampling of the minority classes); an epoch then holds
-    n_classes x largest-class-count images. mixup: Beta parameter of mixup (Zhang et al., ICLR
-    2018); labels then come as one-hot rows blended like their images.
+    n_classes x largest-class-count images. mixup, cutmix: Beta parameters of mixing each image
+    with another of its batch (see `mixer`); labels then come as one-hot rows mixed like their images.
     """
     if not items:
         raise ManifestError("no images on this side of the manifest; check the split")
@@ -88,8 +88,8 @@ def make_dataset(items: list[dict], labels: list[str], prep: Preprocessing, batc
     ds = ds.batch(batch_size)
     if augment and any(augment.values()):
         ds = ds.map(augmenter(augment, prep, seed), num_parallel_calls=tf.data.AUTOTUNE)
-    if mixup:
-        ds = ds.map(mixer(mixup, len(labels), seed), num_parallel_calls=tf.data.AUTOTUNE)
+    if mixup or cutmix:
+        ds = ds.map(mixer(len(labels), seed, mixup=mixup, cutmix=cutmix), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -172,20 +172,49 @@ def augmenter(augment: dict, prep: Preprocessing, seed: int = 0):
     return fn
 
 
-def mixer(alpha: float, n_classes: int, seed: int = 0):
-    """A batched (images, label indices) -> (images, one-hot targets) function: every image blended
-    with another image of the batch by a weight drawn from Beta(alpha, alpha), its target alike."""
+def mixer(n_classes: int, seed: int = 0, mixup: float = 0.0, cutmix: float = 0.0):
+    """A batched (images, label indices) -> (images, one-hot targets) function: every image mixed
+    with another image of its batch, its target by the same share. mixup (Zhang et al., ICLR 2018)
+    blends the two by a weight drawn from Beta(mixup, mixup); cutmix (Yun et al., ICCV 2019)
+    pastes a box of the other image over a share drawn from Beta(cutmix, cutmix), the target
+    weighted by the area really kept (a box is clipped at the border). With both, each batch takes
+    one of the two by a fair coin, as timm's Mixup does."""
     rng = tf.random.Generator.from_seed(seed + 7)
 
-    def fn(images, labels):
-        batch = tf.shape(images)[0]
+    def beta(alpha: float, batch):
         # Beta(a, a) as G1 / (G1 + G2) with two Gamma(a) draws (tf.random has no Beta sampler).
         g = tf.random.stateless_gamma((2, batch), seed=rng.make_seeds(1)[:, 0], alpha=alpha)
-        weight = g[0] / (g[0] + g[1] + 1e-12)
-        partner = tf.argsort(rng.uniform((batch,)))
-        targets = tf.one_hot(labels, n_classes)
+        return g[0] / (g[0] + g[1] + 1e-12)
+
+    def shuffled(images):
+        return tf.argsort(rng.uniform((tf.shape(images)[0],)))
+
+    def blended(images):
+        weight = beta(mixup, tf.shape(images)[0])  # drawn before the partners: mixup's earlier runs reproduce
+        partner = shuffled(images)
         w = tf.reshape(weight, (-1, 1, 1, 1))
-        images = w * images + (1.0 - w) * tf.gather(images, partner)
+        return w * images + (1.0 - w) * tf.gather(images, partner), weight, partner
+
+    def pasted(images):
+        batch, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+        partner = shuffled(images)
+        h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+        side = tf.sqrt(1.0 - beta(cutmix, batch))  # the box's side as a share of the image's
+        cy, cx = rng.uniform((batch,)) * h, rng.uniform((batch,)) * w
+        y0, y1 = tf.clip_by_value(cy - side * h / 2, 0, h), tf.clip_by_value(cy + side * h / 2, 0, h)
+        x0, x1 = tf.clip_by_value(cx - side * w / 2, 0, w), tf.clip_by_value(cx + side * w / 2, 0, w)
+        rows, cols = tf.range(h)[None, :] + 0.5, tf.range(w)[None, :] + 0.5  # pixel centres
+        box = (((rows >= y0[:, None]) & (rows < y1[:, None]))[:, :, None]
+               & ((cols >= x0[:, None]) & (cols < x1[:, None]))[:, None, :])
+        kept = 1.0 - tf.reduce_mean(tf.cast(box, tf.float32), axis=[1, 2])
+        return tf.where(box[..., None], tf.gather(images, partner), images), kept, partner
+
+    def fn(images, labels):
+        if mixup and cutmix:
+            images, weight, partner = tf.cond(rng.uniform(()) < 0.5, lambda: pasted(images), lambda: blended(images))
+        else:
+            images, weight, partner = pasted(images) if cutmix else blended(images)
+        targets = tf.one_hot(labels, n_classes)
         w = tf.reshape(weight, (-1, 1))
         return images, w * targets + (1.0 - w) * tf.gather(targets, partner)
 

@@ -248,13 +248,19 @@ def start_run_dir(run_dir: Path, manifest, config: dict, provenance: dict) -> No
     write_json(run.versions_file, versions())
 
 
+AFTER_TRAINING = ("export", "benchmark")  # config sections that only later stages read
+
+
 def refuse_other_run(run_dir: Path, config: dict, finished: bool = False) -> None:
     """A run directory with training state (or, `finished`, a finished training) continues, or
     stays as it is, only with its own config."""
     config_path = RunDir(run_dir).config_file
     if config_path.exists() and (finished or RunDir(run_dir).train_state_file.exists()):
-        # Only the keys both hold: a run started before defaults.json gained a key lacks it.
-        if not same_settings(read_config_file(config_path), config):
+        # Only the keys both hold: a run started before defaults.json gained a key lacks it. The
+        # export and benchmark sections change no trained model (a newer default variant list
+        # is not another training).
+        before = {k: v for k, v in read_config_file(config_path).items() if k not in AFTER_TRAINING}
+        if not same_settings(before, {k: v for k, v in config.items() if k not in AFTER_TRAINING}):
             raise OncoliteError(f"{run_dir}: already holds a run with another config; continue it with "
                                 f"`oncolite train {run_dir} --resume`, train it again with this config with --force, "
                                 "or choose another RUN_DIR")
@@ -428,7 +434,8 @@ class Trainer:
                 optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
             else:
                 optimizer = keras.optimizers.Adam(lr)
-            model.compile(optimizer=optimizer, loss=training_loss(len(self.labels), c["label_smoothing"], c["mixup"]),
+            model.compile(optimizer=optimizer, loss=training_loss(len(self.labels), c["label_smoothing"],
+                                                                   bool(c["mixup"] or c["cutmix"])),
                           metrics=["accuracy"])
             # Slot variables exist before a restore, so the optimizer state comes back exactly.
             model.optimizer.build(model.trainable_variables)
@@ -457,7 +464,8 @@ class Trainer:
         c = self.config
         oversample = bool(c["oversample"])
         train_ds = make_dataset(self.sides["train"], self.labels, self.prep, c["batch_size"], augment=c["augment"],
-                                shuffle=True, seed=c["seed"], cache=c["cache"], oversample=oversample, mixup=c["mixup"])
+                                shuffle=True, seed=c["seed"], cache=c["cache"], oversample=oversample, mixup=c["mixup"],
+                                cutmix=c["cutmix"])
         val_ds = make_dataset(self.sides["val"], self.labels, self.prep, c["batch_size"], cache=c["cache"])
         weights = None
         if c["class_weights"] and not oversample:  # oversampling already balances the classes
@@ -659,14 +667,14 @@ def training_subset(items: list[dict], fraction: float, seed: int) -> list[dict]
     return [item for item in items if (item["label"], item["group"]) in chosen]
 
 
-def training_loss(n_classes: int, label_smoothing: float, mixup: float = 0.0):
+def training_loss(n_classes: int, label_smoothing: float, mixed: bool = False):
     """Cross-entropy on integer labels, with the one-hot targets smoothed towards uniform by
-    `label_smoothing` (tf-keras' sparse loss has no smoothing of its own); with `mixup` the
-    dataset gives blended one-hot targets, and the loss takes them as they are."""
+    `label_smoothing` (tf-keras' sparse loss has no smoothing of its own); when `mixed` (mixup or
+    cutmix) the dataset gives mixed one-hot targets, and the loss takes them as they are."""
     import tensorflow as tf
     import tf_keras as keras
 
-    if mixup:
+    if mixed:
         return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
     if not label_smoothing:
         return "sparse_categorical_crossentropy"
