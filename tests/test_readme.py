@@ -82,7 +82,6 @@ NOT_RUN_PIPELINE = "the whole pipeline: tests/test_pipeline.py runs `oncolite ru
 NOT_RUN_DATASETS = "needs the BreakHis or IDC download: tests/test_histology_e2e.py runs it on generated trees"
 NOT_RUN_BYO = "bring-your-own model: tests/test_byo_export.py and tests/test_byo_benchmark.py run these on models built there"
 NOT_RUN_MENTION = "a command named in prose, not an example to type"
-NOT_RUN_PUBLISHED = "how the published runs/busi-full was made (minutes per fold)"
 
 # Every command the README shows (as `readme_commands` reads it) -> a Run, or why it is not run.
 # Runs go in this order, in one folder: each may use what an earlier one wrote.
@@ -137,9 +136,6 @@ EXAMPLES: dict[str, Run | str] = {
     "oncolite slidemap runs/idc/models/int8.tflite IDC/10253 --out 10253.png": NOT_RUN_DATASETS,
     "oncolite evaluate RUN --target-sensitivity 0.95": "binary tasks only: tests/test_evaluate.py",
     "oncolite benchmark RUN --target adb[:serial]": "needs an Android device: tests/test_ssh_target.py parses adb output",
-    "oncolite export runs/busi-full/folds/<i> --variants ...": NOT_RUN_PUBLISHED,
-    "oncolite benchmark runs/busi-full/folds/<i> --no-timing": NOT_RUN_PUBLISHED,
-    "oncolite benchmark runs/busi-full/folds/0": NOT_RUN_PUBLISHED,
     "python -m edge_runtime predict|serve|bench|info|slidemap": NOT_RUN_MENTION,
     "oncolite train RUN_DIR": NOT_RUN_MENTION,
     "oncolite export": NOT_RUN_MENTION,
