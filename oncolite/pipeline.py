@@ -381,8 +381,8 @@ def split_words(split: dict | None) -> str:
         parts.append(f"{n} {side} images")
     if split.get("folds") and split["folds"] > 1 and split.get("test_fold") is not None:
         parts.append(f"test fold {split['test_fold']} of {split['folds']}")
-    if split.get("conflicts_excluded"):
-        parts.append(f"{split['conflicts_excluded']} label conflicts excluded")
+    if split.get("conflicts_excluded") is True:
+        parts.append("images in label-conflicting groups excluded")
     if split.get("manifest"):
         sha = split.get("manifest_sha256")
         parts.append(f"manifest {shown(split['manifest'])}" + (f" (sha256 {sha[:8]}…)" if sha else ""))
@@ -395,7 +395,8 @@ def summary_markdown(summary: dict, command: str | None = None, pooled: bool = T
     lines = [f"Made by: `{command}`", ""] if command else []
     if summary.get("only_folds"):
         lines += [f"Folds {', '.join(map(str, summary['only_folds']))} of {summary['cv_folds']} only (--only-folds).", ""]
-    lines += [f"{'mean ± sd over the folds' if folds > 1 else 'one held-out split'}; split: {split_words(summary.get('split'))}",
+    split = (f"{folds}-fold CV; fold 0's split: " if folds > 1 else "one held-out split; split: ") + split_words(summary.get("split"))
+    lines += [f"{'mean ± sd over the folds; ' if folds > 1 else ''}{split}",
               "", "| variant | folds | accuracy | MCC | ROC-AUC | agreement with float | size (KB) | p50 ms (2 threads) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, e in summary["variants"].items():

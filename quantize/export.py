@@ -590,7 +590,8 @@ def main(args) -> int:
     chosen = calibration_items(run.sides()["train"], count, int(run.config["seed"]))
     # RUN_DIR/logs/export.log as train writes train.log; the file only, the lines reach stdout below.
     log = Log(run.dir.log("export"), quiet=True)
-    log(f"{args.command_line}: {', '.join(variants)} from {count} calibration images, integer I/O {io}")
+    asked = "" if len(chosen) == count else f" ({count} asked, {len(chosen)} on the training side)"
+    log(f"{args.command_line}: {', '.join(variants)} from {len(chosen)} calibration images{asked}, integer I/O {io}")
     results = export_variants(run, variants, chosen, io, args.allow_float_ops, selective, quiet=quiet)
     results.update(on_disk(run, exclude=results))  # the report describes every model in the run
     gate = settings["gate"] if args.gate is None else args.gate
