@@ -22,7 +22,6 @@ and the float model that everything is compared with is left untouched.
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +233,7 @@ def layer_moments(model: keras.Model, pairs: list, batches: list, reference: ker
             for layer, inputs in walk(model, [batch]):
                 if layer.name in pair_of:
                     moments[layer.name].add(patches(pair_of[layer.name][0], inputs[0]))
+        _check_reached(pair_of, {name for name, m in moments.items() if m.count})
         yield from ((pair, moments[pair[0].name]) for pair in pairs)
         return
     seen = set()
@@ -247,6 +247,10 @@ def layer_moments(model: keras.Model, pairs: list, batches: list, reference: ker
                 m.add(patches(own, x), patches(own, r))
             seen.add(layer.name)
             yield pair_of[layer.name], m
+    _check_reached(pair_of, seen)
+
+
+def _check_reached(pair_of: dict, seen: set) -> None:
     if seen != set(pair_of):
         raise ValueError(f"layers {', '.join(sorted(set(pair_of) - seen))} are not on the path from the input to the output")
 
