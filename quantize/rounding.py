@@ -43,6 +43,9 @@ RECIPES = {"gptq": "gptq-3 (one pass on float inputs, bias correction, nearest w
 # calibration images never take, which new images do (the classifier head: 200 pooled feature
 # vectors for 1280 inputs). Such layers keep the converter's nearest rounding.
 MIN_SAMPLES_PER_INPUT = 10
+# Calibration batches walked together by the one-pass recipe: bounded memory (~1 GB of
+# activations for 64 images at 224 px) whatever export.calibration_images is.
+ONE_PASS_BATCHES = 4
 
 
 def patches(layer, x: tf.Tensor) -> np.ndarray:
@@ -159,7 +162,7 @@ def reconstruct_weights(model: keras.Model, batches, method: str = "gptq", bias_
     `batches`: preprocessed calibration batches (N x H x W x 3 float32). The sequential walk holds
     every batch's activations at the current layer, a layer's input and output at once, for the
     float model and the rounded copy: about 4 GB at MobileNetV2's widest layer for 200 images at
-    224 px (the one pass holds one batch).
+    224 px (the one pass holds ONE_PASS_BATCHES batches).
     "nearest" keeps the converter's own rounding (only the bias correction changes anything).
     One pass (the default, export's recipe): every layer's kernel reconstructs its float output
     from the float model's own inputs, min_Q E||(W - Q) x||^2.
@@ -219,7 +222,7 @@ def layer_moments(model: keras.Model, pairs: list, batches: list, reference: ker
     """((layer, bn), the InputMoments of its inputs in `model`) for each weight layer of `pairs`.
 
     Without a `reference`, `model` is the float model, which nothing changes: its layers' inputs
-    are read one batch at a time (memory: one batch of activations). With one (the float model),
+    are read ONE_PASS_BATCHES batches at a time (bounded memory). With one (the float model),
     `model` is the copy being rounded: both are walked in lockstep over every batch, each layer's
     inputs paired with the float model's, and the walk applies a layer only when the next one is
     asked for, so a caller that rounds each layer in between reads every layer's inputs as the
@@ -229,10 +232,11 @@ def layer_moments(model: keras.Model, pairs: list, batches: list, reference: ker
     pair_of = {layer.name: (layer, bn) for layer, bn in pairs}
     if reference is None:
         moments = {name: InputMoments(layer) for name, (layer, _) in pair_of.items()}
-        for batch in batches:
-            for layer, inputs in walk(model, [batch]):
+        for start in range(0, len(batches), ONE_PASS_BATCHES):
+            for layer, inputs in walk(model, batches[start:start + ONE_PASS_BATCHES]):
                 if layer.name in pair_of:
-                    moments[layer.name].add(patches(pair_of[layer.name][0], inputs[0]))
+                    for x in inputs:  # batch by batch, in order: the sums do not depend on the chunking
+                        moments[layer.name].add(patches(pair_of[layer.name][0], x))
         _check_reached(pair_of, {name for name, m in moments.items() if m.count})
         yield from ((pair, moments[pair[0].name]) for pair in pairs)
         return
