@@ -300,9 +300,21 @@ def _to_8_bit(im: Image.Image) -> Image.Image:
 
 
 def resize(im: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """RGB image -> uint8 array (height, width, 3) at the model's input size."""
-    if im.size != (prep.width, prep.height):
-        im = im.resize((prep.width, prep.height), _RESAMPLE[prep.resample])
+    """RGB image -> uint8 array (height, width, 3) at the model's input size.
+
+    A gray image stored as RGB (an ultrasound frame, nearly always) is resized as its one band:
+    Pillow resamples every band with the same arithmetic, so the pixels are the same, in under
+    half the time of the RGB resize (Pillow works on RGB as four bytes a pixel)."""
+    size = (prep.width, prep.height)
+    if im.size == size:
+        return np.asarray(im, dtype=np.uint8)
+    resample = _RESAMPLE[prep.resample]
+    red, green, blue = im.split()
+    if red.tobytes() == green.tobytes() == blue.tobytes():
+        gray = red.resize(size, resample)
+        im = Image.merge("RGB", (gray, gray, gray))
+    else:
+        im = im.resize(size, resample)
     return np.asarray(im, dtype=np.uint8)
 
 

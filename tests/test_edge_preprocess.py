@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from edge_runtime.preprocess import Preprocessing, preprocess
+from edge_runtime.preprocess import _RESAMPLE, Preprocessing, preprocess, resize
 
 MODES = {"L": (np.uint8, 1), "LA": (np.uint8, 2), "P": (np.uint8, 1), "RGBA": (np.uint8, 4),
          "CMYK": (np.uint8, 4), "I;16": (np.uint16, 1), "RGB": (np.uint8, 3)}
@@ -53,3 +53,23 @@ def test_16_bit_images_scale_by_their_bit_depth_not_their_brightest_pixel(mode, 
     np.testing.assert_allclose(x, np.repeat(expected[..., None], 3, axis=2), atol=1e-6)
     if top == 255:
         assert x.max() <= -1 + 1 / 127.5 + 1e-6  # near black
+
+
+@settings(max_examples=60, deadline=None)
+@given(width=st.integers(1, 48), height=st.integers(1, 48), out_w=st.integers(1, 32), out_h=st.integers(1, 32),
+       seed=st.integers(0, 2**16), resample=st.sampled_from(["bilinear", "bicubic", "nearest", "area"]),
+       gray=st.booleans())
+def test_a_gray_image_resized_as_one_band_gives_pillows_rgb_resize_exactly(width, height, out_w, out_h, seed,
+                                                                             resample, gray):
+    # The gray shortcut of `resize` must not change a pixel: training and the device rely on it.
+    rng = np.random.default_rng(seed)
+    band = rng.integers(0, 256, (height, width, 1), dtype=np.uint8)
+    pixels = np.repeat(band, 3, axis=2) if gray else rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    if not gray and height * width > 1:
+        pixels[0, 0] = (0, 1, 2)  # at least one colored pixel
+    im = Image.fromarray(pixels, "RGB")
+    prep = Preprocessing(height=out_h, width=out_w, resample=resample)
+    expected = np.asarray(im.resize((out_w, out_h), _RESAMPLE[resample]))
+    got = resize(im, prep)
+    assert got.shape == (out_h, out_w, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)
