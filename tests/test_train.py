@@ -211,6 +211,27 @@ def test_ultrasound_gamma_and_speckle_keep_grayscale_black_and_range():
     assert not np.allclose(bright.mean(axis=(1, 2)), bright.mean())  # the gain curve differs per image
 
 
+def test_elastic_deformation_bends_smoothly_by_at_most_its_strength():
+    import tensorflow as tf
+    from oncolite.train.data import elastic_deformation
+
+    size, strength = 40, 0.05
+    rows, cols = np.meshgrid(np.arange(size, dtype=np.float32), np.arange(size, dtype=np.float32), indexing="ij")
+    # Channel 0 holds each pixel's row, channel 1 its column: the output says where each pixel was read.
+    images = tf.constant(np.repeat(np.stack([rows, cols, rows + cols], axis=-1)[None], 3, axis=0))
+    out = elastic_deformation(images, strength, tf.random.Generator.from_seed(0)).numpy()
+    moved = np.stack([out[..., 0] - rows, out[..., 1] - cols], axis=-1)
+    assert np.abs(moved).max() <= strength * size + 1e-3  # never further than the strength
+    assert np.abs(moved).max() > 0.2 * strength * size  # but it does move them
+    assert not np.allclose(moved[0], moved[1], atol=1e-2)  # a field of its own per image
+    inner = moved[:, 3:-3, 3:-3]  # away from the border, where a point past it reads its mirror image
+    # Smooth: neighbours move alike (per-pixel noise of this strength would differ by up to 4 px).
+    assert np.abs(np.diff(inner, axis=1)).max() < 1.0 and np.abs(np.diff(inner, axis=2)).max() < 1.0
+    np.testing.assert_allclose(out[..., 2], out[..., 0] + out[..., 1], atol=1e-3)  # read bilinearly, the channels alike
+    flat = tf.fill((2, size, size, 3), 0.25)
+    np.testing.assert_allclose(elastic_deformation(flat, 0.1, tf.random.Generator.from_seed(1)).numpy(), 0.25, atol=1e-6)
+
+
 # ---------------------------------------------------------------- training
 
 def test_learns_a_planted_task_well_above_chance(tmp_path):

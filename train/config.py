@@ -277,6 +277,7 @@ RULES = {
     "augment.shift": _number(0, 1, unit=" (fraction of the side)"),
     "augment.shear": _number(0, 1.5, high_open=False, unit=" (radians)"),
     "augment.zoom": _number(0, 1, unit=" (fraction of the side)"),
+    "augment.elastic": _number(0, 0.25, high_open=False, unit=" (fraction of the side)"),
     "augment.hflip": _BOOL,
     "augment.vflip": _BOOL,
     "augment.rot90": _BOOL,
@@ -350,6 +351,8 @@ DOCS = {
     "augment.shift": "random translation, up to this fraction of the side",
     "augment.shear": "random shear, up to this many radians",
     "augment.zoom": "random zoom, up to this fraction",
+    "augment.elastic": "random elastic deformation: a smooth field moving points by up to this fraction of the "
+                       "side (0: none; 0.03 is ~7 px at 224 px)",
     "augment.hflip": "random horizontal flips",
     "augment.vflip": "random vertical flips (off for ultrasound: the probe is at the top)",
     "augment.rot90": "random 90-degree rotations and transposes (histology tiles have no up)",

@@ -161,6 +161,8 @@ def augmenter(augment: dict, prep: Preprocessing, seed: int = 0):
             images = layer(images, training=True)
         if augment.get("shear"):
             images = random_shear(images, augment["shear"], rng)
+        if augment.get("elastic"):
+            images = elastic_deformation(images, augment["elastic"], rng)
         if augment.get("rot90"):
             images = random_transpose(images, rng)
         if augment.get("color_jitter"):
@@ -233,6 +235,36 @@ def random_shear(images: tf.Tensor, intensity: float, rng: tf.random.Generator) 
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=images, transforms=transforms, output_shape=tf.shape(images)[1:3], fill_value=0.0,
         interpolation="BILINEAR", fill_mode="REFLECT")
+
+
+def elastic_deformation(images: tf.Tensor, strength: float, rng: tf.random.Generator, grid: int = 5) -> tf.Tensor:
+    """Bend each image by a smooth random displacement field (Simard et al., ICDAR 2003): the
+    control points of a `grid` x `grid` lattice move by up to `strength` of the image's side in
+    each direction, bicubic interpolation spreads that over every pixel, and the image is read
+    bilinearly at the displaced points (mirrored at the border, as the other geometric changes)."""
+    batch, height, width = tf.shape(images)[0], tf.shape(images)[1], tf.shape(images)[2]
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    control = rng.uniform((batch, grid, grid, 2), -strength, strength)
+    smooth = tf.image.resize(control, (height, width), method="bicubic")
+    field = tf.clip_by_value(smooth, -strength, strength) * tf.stack([h, w])  # bicubic overshoots a little
+    rows, cols = tf.meshgrid(tf.range(h), tf.range(w), indexing="ij")
+
+    def mirrored(c, size):  # a point past the border reads its mirror image inside
+        c = tf.abs(c)
+        return tf.clip_by_value(tf.where(c > size - 1, 2 * (size - 1) - c, c), 0.0, size - 1)
+
+    y, x = mirrored(rows[None] + field[..., 0], h), mirrored(cols[None] + field[..., 1], w)
+    y0, x0 = tf.floor(y), tf.floor(x)
+    wy, wx = (y - y0)[..., None], (x - x0)[..., None]
+    y0, x0 = tf.cast(y0, tf.int32), tf.cast(x0, tf.int32)
+    y1, x1 = tf.minimum(y0 + 1, height - 1), tf.minimum(x0 + 1, width - 1)
+
+    def at(yi, xi):
+        return tf.gather_nd(images, tf.stack([yi, xi], axis=-1), batch_dims=1)
+
+    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+    return top * (1 - wy) + bottom * wy
 
 
 def random_transpose(images: tf.Tensor, rng: tf.random.Generator) -> tf.Tensor:
