@@ -19,7 +19,7 @@ SPLIT_KINDS = ("group", "random", "published", "given")  # train.manifest's spli
 IMAGE_TO_ANSWER_BOUND = 1.5
 # benchmarks.latency's ways of calling the float model, as the report names them.
 KERAS_MODES = {"eager": "plain Keras call model(x)", "tf_function": "tf.function", "xla": "tf.function + XLA"}
-STAGE_NAMES = {"decode_resize": "decode + resize", "quantize": "pixels → input", "invoke": "invoke",
+STAGE_NAMES = {"decode": "decode", "resize": "resize", "quantize": "pixels → input", "invoke": "invoke",
                "read_out": "read-out"}  # edge_runtime.bench.STAGES
 # Published MobileNetV2 (1.0, 224 px) latencies, batch 1; the sources as /work/shared/NOTES.md gives them.
 # `match` holds lowercase fragments of a device's CPU / model description.

@@ -7,7 +7,7 @@ what runs on a Raspberry Pi over SSH with the base install only; run it in a fre
 model when comparing memory (peak RSS only ever grows within a process).
 
 Per thread count it also times image to answer as the device runs it, stage by stage
-(`stages_ms`): decode+resize (the one preprocessing's input_pixels), quantize (uint8
+(`stages_ms`): decode and resize (the one preprocessing's input_pixels), quantize (uint8
 pixels to the input tensor through edge_runtime.pixels, no float round trip, and set into the
 interpreter), invoke, read-out (output, dequantize, probabilities, decision); and the
 throughput at batch 32 (`batch`: the input resized to 32 where the model allows, else the
@@ -153,18 +153,18 @@ def prepare_inputs(model, images) -> tuple[list[np.ndarray], dict | None]:
     return tensors, {"images": len(times), **latency_stats(times)}
 
 
-STAGES = ("decode_resize", "quantize", "invoke", "read_out")
+STAGES = ("decode", "resize", "quantize", "invoke", "read_out")
 
 
 def time_stages(model, images, warmup=10, runs=100, quiet=True) -> dict:
-    """Image to answer, stage by stage, over `runs` images (cycled): decode+resize, quantize
-    (pixels to the input tensor, set into the interpreter), invoke, read-out (output,
-    dequantize, probabilities, decision). The first two are EdgeModel.input_tensor, the input
-    path of predict and the server, split in its two steps. Without images: seeded random
-    pixels, no decode.
+    """Image to answer, stage by stage, over `runs` images (cycled): decode, resize (the two
+    steps of the one preprocessing's input_pixels), quantize (pixels to the input tensor, set
+    into the interpreter), invoke, read-out (output, dequantize, probabilities, decision). The
+    first three are EdgeModel.input_tensor, the input path of predict and the server, split in
+    its steps. Without images: seeded random pixels at the input size, no decode or resize.
     Returns {stage: stats, "image_to_answer": stats, "image_to_answer_over_invoke": p50 ratio}."""
     from edge_runtime.model import to_probabilities
-    from edge_runtime.preprocess import dequantize, input_pixels
+    from edge_runtime.preprocess import decode_image, dequantize, resize
 
     interpreter, inp, out = model.interpreter, model.input, model.output
     if images:
@@ -176,22 +176,25 @@ def time_stages(model, images, warmup=10, runs=100, quiet=True) -> dict:
     times = {stage: [] for stage in STAGES}
     for i in range(warmup + runs):
         t0 = time.perf_counter()
-        pixels = input_pixels(sources[i % len(sources)], model.prep) if decode else sources[0]
+        image = decode_image(sources[i % len(sources)], model.prep) if decode else None
         t1 = time.perf_counter()
-        interpreter.set_tensor(inp.index, model.input_from_pixels(pixels))
+        pixels = resize(image, model.prep) if decode else sources[0]
         t2 = time.perf_counter()
-        interpreter.invoke()
+        interpreter.set_tensor(inp.index, model.input_from_pixels(pixels))
         t3 = time.perf_counter()
+        interpreter.invoke()
+        t4 = time.perf_counter()
         y = interpreter.get_tensor(out.index)[0]
         if out.quantized:
             y = dequantize(y, out.scale, out.zero_point)
         model.decide(to_probabilities(y))
-        t4 = time.perf_counter()
+        t5 = time.perf_counter()
         if i >= warmup:
-            for stage, (a, b) in zip(STAGES, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
+            for stage, (a, b) in zip(STAGES, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))):
                 times[stage].append((b - a) * 1000)
     total = [sum(parts) for parts in zip(*(times[s] for s in STAGES))]
-    result = {stage: latency_stats(times[stage]) if (decode or stage != "decode_resize") else None for stage in STAGES}
+    result = {stage: latency_stats(times[stage]) if (decode or stage not in ("decode", "resize")) else None
+              for stage in STAGES}
     result["image_to_answer"] = latency_stats(total)
     invoke = result["invoke"]["p50"]
     result["image_to_answer_over_invoke"] = round(result["image_to_answer"]["p50"] / invoke, 3) if invoke > 0 else None

@@ -90,6 +90,7 @@ def main(args) -> int:
     width = min(max((len(printable(f)) for f in todo), default=4), 60)
     if args.json:
         emit_json({"type": "model", "model": os.fsdecode(model.path), "sha256": model.sha256, "backend": model.backend,
+                   "variant": model.facts.get("variant"), "kind": model.kind,
                    "labels": model.labels, "threshold": model.threshold, "decision_rule": rule,
                    "uncertain_margin": model.uncertain_margin})
         for path, reason in skipped:
@@ -98,6 +99,8 @@ def main(args) -> int:
         if not appending:
             writer.writerow(csv_header(model.labels))
     elif not args.quiet:  # --quiet: the answers alone, one line per image (quiet_row)
+        made = ", ".join(str(x) for x in (model.facts.get("variant"), model.kind) if x)
+        print(f"model: {printable(os.fsdecode(model.path))} ({made}; {model.backend})")
         print(f"decision rule: {rule}" + (f"; uncertain below a margin of {model.uncertain_margin:g}"
                                           if model.uncertain_margin is not None else ""))
         print(f"{'file':<{width}}  {'label':<12} {'p':>6}  {'':9}  {'ms':>7}  top-k", flush=True)

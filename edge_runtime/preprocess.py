@@ -325,15 +325,20 @@ def normalize(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
     return (pixels.astype(np.float32) - mean) / std
 
 
-def input_pixels(source, prep: Preprocessing) -> np.ndarray:
-    """File path or bytes -> uint8 (height, width, 3) at the model's input size: `preprocess`
-    before `normalize`.
+def decode_image(source, prep: Preprocessing) -> Image.Image:
+    """File path or bytes -> RGB image, decoded for a model of this input size.
 
     A JPEG at least twice the input's size on both sides is decoded at reduced size (kept at
     least twice the input, so the resize still averages over every input pixel), in training
     and on the device alike.
     """
-    return resize(open_image(source, at_least=2 * max(prep.height, prep.width)), prep)
+    return open_image(source, at_least=2 * max(prep.height, prep.width))
+
+
+def input_pixels(source, prep: Preprocessing) -> np.ndarray:
+    """File path or bytes -> uint8 (height, width, 3) at the model's input size: `preprocess`
+    before `normalize`."""
+    return resize(decode_image(source, prep), prep)
 
 
 def preprocess(source, prep: Preprocessing) -> np.ndarray:

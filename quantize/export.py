@@ -407,9 +407,10 @@ def load_source(run: Run, source: str, float_model):
     return float_model
 
 
-# The roundings of one model on one calibration set (a variant and its uint8 twin share one). The
-# model is kept with its copies, so its id cannot be reused by another model meanwhile.
-_ROUNDED: dict = {"key": None, "model": None, "copies": {}}
+# The roundings of one model on one calibration set (a variant and its uint8 twin share one), and
+# their conversions (int8_gptq_act reads its activation grids from int8_gptq's). The model is kept
+# with its copies, so its id cannot be reused by another model meanwhile.
+_ROUNDED: dict = {"key": None, "model": None, "copies": {}, "converted": {}}
 
 
 def rounding_recipe(rounding: str) -> str:
@@ -430,13 +431,14 @@ def rounded_copy(model, chosen: list[dict], prep, recipe: str, representative):
     rounding = next(name for name, text in RECIPES.items() if text == recipe)
     key = (id(model), tuple(str(item["path"]) for item in chosen), prep)
     if _ROUNDED["key"] != key:
-        _ROUNDED.update(key=key, model=model, copies={})
+        _ROUNDED.update(key=key, model=model, copies={}, converted={})
     copies = _ROUNDED["copies"]
     if rounding not in copies:
         points = None
         if rounding == "gptq_act":
             gptq = rounded_copy(model, chosen, prep, RECIPES["gptq"], representative)
-            points = activation_points(_converted(make_converter(gptq, "int8_gptq", representative, "int8")))
+            points = activation_points(rounded_conversion(gptq, "int8_gptq", RECIPES["gptq"], representative,
+                                                          {"io": "int8", "allow_float_ops": False}))
         copies[rounding] = reconstruct_weights(model, calibration_batches(chosen, prep), sequential=points is not None,
                                                points=points)[0]
     return copies[rounding]
@@ -452,8 +454,19 @@ def convert(variant: str, model, float_model, chosen: list[dict], prep, represen
         return selective_quantize(float_model, representative, options["selective"])
     if options.get("rounding") not in (None, "nearest"):
         model = rounded_copy(model, chosen, prep, options["rounding"], representative)
+        return rounded_conversion(model, variant, options["rounding"], representative, options)
     return _converted(make_converter(model, variant, representative, options["io"], options["allow_float_ops"],
                                      options.get("batch")))
+
+
+def rounded_conversion(copy, variant: str, recipe: str, representative, options: dict) -> bytes:
+    """A rounded copy (rounded_copy) converted, once per export for the same converter settings."""
+    key = (recipe, options["io"], options["allow_float_ops"], options.get("batch"))
+    converted = _ROUNDED["converted"]
+    if key not in converted:
+        converted[key] = _converted(make_converter(copy, variant, representative, options["io"],
+                                                   options["allow_float_ops"], options.get("batch")))
+    return converted[key]
 
 
 def _converted(converter) -> bytes:

@@ -79,7 +79,7 @@ def test_edge_bench_without_images_skips_decode(tmp_path):
 
     report = bench(edge_models.model_file(tmp_path, "int8"), [], (1,), warmup=0, runs=2, quiet=True, batch=0)
     stages = report["threads"][0]["stages_ms"]
-    assert stages["decode_resize"] is None and stages["invoke"]["p50"] >= 0
+    assert stages["decode"] is None and stages["resize"] is None and stages["invoke"]["p50"] >= 0
     assert "batch" not in report["threads"][0]
 
 
@@ -117,7 +117,7 @@ def test_keras_timing_has_every_way_of_calling_and_batch(tmp_path, images):
 
 @pytest.mark.parametrize("variant", ["int8", "uint8", "fp32"])
 def test_predict_the_server_and_the_bench_share_one_input_path(tmp_path, images, variant, monkeypatch):
-    """The bench's decode+resize and quantize stages are EdgeModel.input_tensor split in two, the
+    """The bench's decode, resize and quantize stages are EdgeModel.input_tensor split in three, the
     very path predict and the server run: uint8 pixels to the tensor, equal to the float path."""
     from edge_runtime.bench import time_stages
     from edge_runtime.model import EdgeModel

@@ -95,7 +95,7 @@ def test_exported_int8_with_timing_and_a_saved_model(setup, tmp_path, capsys):
     assert f["keras_mode"]["1"] in ("eager", "tf_function", "xla") and "eager" in f["keras_modes"]["1"]
     assert f["latency_ms"]["1"] == f["keras_modes"]["1"][f["keras_mode"]["1"]]["inference_ms"]
     assert f["batch"]["1"]["batch"] == 32
-    assert set(q["stages_ms"]["1"]) >= {"decode_resize", "quantize", "invoke", "read_out", "image_to_answer"}
+    assert set(q["stages_ms"]["1"]) >= {"decode", "resize", "quantize", "invoke", "read_out", "image_to_answer"}
     assert q["stages_ms"]["1"]["input_path"] == "xor128"
     assert "1" in q["speedup_vs_keras"] and "1" in q["speedup_vs_keras_eager"]
     assert q["uncertain_margin"] is not None

@@ -76,8 +76,9 @@ def test_all_good_exits_ok_and_prints_a_table(setup, capsys):
     code, out, _ = run(["predict", str(setup["model"]), *map(str, setup["good"]), "--top-k", "2"], capsys)
     assert code == EXIT_OK
     lines = [line for line in out.splitlines() if line.strip()]
-    assert lines[0] == "decision rule: highest probability"
-    assert lines[1].split()[:3] == ["file", "label", "p"]
+    assert lines[0].startswith(f"model: {setup['model']} (") and "integer" in lines[0]  # which model answered
+    assert lines[1] == "decision rule: highest probability"
+    assert lines[2].split()[:3] == ["file", "label", "p"]
     assert sum(Path(p).name in out for p in setup["good"]) == 3 and "3 image(s) classified" in out
 
 

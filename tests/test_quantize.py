@@ -227,15 +227,24 @@ def test_shipped_int8_is_the_most_faithful_candidate(run_dir, exported):
     assert {v["status"] for v in again.values()} == {"up to date"}
 
 
-def test_int8_gptq_act_rounds_on_the_int8_models_own_inputs_and_is_a_candidate(run_dir, exported):
+def test_int8_gptq_act_rounds_on_the_int8_models_own_inputs_and_is_a_candidate(run_dir, exported, monkeypatch):
     """int8_gptq_act: its own recorded recipe, integer only, a model other than
     int8_gptq's (kernels reconstructed on other inputs), one of the candidates `int8` is chosen
-    from, and up to date when exported again."""
+    from, and up to date when exported again. Its activation grids come from the int8_gptq
+    conversion of the same export: the gptq copy is converted once."""
+    from oncolite.quantize import export as export_mod
     from oncolite.quantize.rounding import RECIPES
 
     run = open_run(run_dir)
     chosen = calibration_items(run.sides()["train"], 12, 0)
+    conversions = []
+    make_converter = export_mod.make_converter
+    monkeypatch.setattr(export_mod, "make_converter",
+                        lambda model, variant, *a, **k: conversions.append(variant) or make_converter(model, variant, *a, **k))
+    (run_dir / "models" / "int8_gptq.tflite").unlink(missing_ok=True)  # made in this call, not up to date
     result = export_variants(run, ["int8_gptq", "int8_gptq_act", "int8"], chosen, "int8")
+    assert result["int8_gptq"]["status"] != "up to date"
+    assert sorted(conversions) == ["int8_gptq", "int8_gptq_act"]
     act = result["int8_gptq_act"]["sidecar"]
     assert act["options"]["rounding"] == RECIPES["gptq_act"] != result["int8_gptq"]["sidecar"]["options"]["rounding"]
     assert result["int8_gptq_act"]["float_ops"] == []

@@ -58,6 +58,11 @@ def _predict_json(folder: Path, result) -> None:
     assert records[0]["type"] == "model" and (records[-1]["classified"], records[-1]["failed"]) == (3, 0)
 
 
+def _info(folder: Path, result) -> None:
+    # Without MODEL: the shipped int8 model, found from a folder outside the repository.
+    assert "labels       benign, malignant, normal" in result.stdout and "checks passed" in result.stdout, result.stdout
+
+
 def _results_csv(folder: Path, result) -> None:
     rows = (folder / "results.csv").read_text().splitlines()
     assert rows[0].startswith("file,path,label,") and len(rows) == 4
@@ -100,6 +105,7 @@ EXAMPLES: dict[str, Run | str] = {
     "oncolite benchmark runs/r1 [--target ssh://pi@host]":
         Run("--no-browser --bootstrap 20 --set benchmark.runs=3 --set benchmark.warmup=1 --set benchmark.threads=[1]",
             _benchmark),
+    "oncolite info [MODEL]": Run(check=_info),
     "oncolite predict [MODEL] images/ --json": Run(check=_predict_json),
     "~/venv/bin/python -m edge_runtime predict models/busi/int8.tflite scans/ --csv > results.csv": Run(check=_results_csv),
     "python -m edge_runtime bench MODEL": Run("--runs 3 --warmup 1 --batch 0"),

@@ -269,7 +269,7 @@ def test_every_output_shows_the_rule_and_the_flag(tmp_path, capsys, margin, flag
     rule = "idc if p(idc) >= 0.5, else non-idc"
     _, out, _ = run(["predict", str(path), *images], capsys)
     lines = out.splitlines()
-    assert lines[0].startswith(f"decision rule: {rule}")
+    assert lines[0].startswith(f"model: {path} (") and lines[1].startswith(f"decision rule: {rule}")
     rows = [line for line in lines if line.startswith(images[0]) or line.startswith(images[1])]
     assert len(rows) == 2 and all(("uncertain" in row) == (flag == "true") for row in rows), out
     _, out, _ = run(["predict", str(path), *images, "--csv"], capsys)
