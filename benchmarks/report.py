@@ -21,15 +21,18 @@ IMAGE_TO_ANSWER_BOUND = 1.5
 KERAS_MODES = {"eager": "plain Keras call model(x)", "tf_function": "tf.function", "xla": "tf.function + XLA"}
 STAGE_NAMES = {"decode": "decode", "resize": "resize", "quantize": "pixels → input", "invoke": "invoke",
                "read_out": "read-out"}  # edge_runtime.bench.STAGES
-# Published MobileNetV2 (1.0, 224 px) latencies, batch 1; the sources as /work/shared/NOTES.md gives them.
+# Published MobileNetV2 (1.0, 224 px) latencies, batch 1, with their sources: the XNNPACK
+# README's "Performance" tables (end2end-bench, random weights, Feb 2022; int8 per-channel) and
+# the TensorFlow Lite "Model optimization" page (Pixel 2, one big core; float vs QAT int8).
 # `match` holds lowercase fragments of a device's CPU / model description.
 PUBLISHED = [
     {"device": "Raspberry Pi 4 (Cortex-A72, ARM64, multi-thread XNNPACK)", "match": ["raspberry pi 4", "cortex-a72"],
-     "fp32_ms": 46, "int8_ms": 17, "source": "XNNPACK published MobileNetV2 benchmarks (cited in NOTES.md)"},
-    {"device": "Raspberry Pi 3B+ (Cortex-A53, ARM64, multi-thread XNNPACK)", "match": ["raspberry pi 3", "cortex-a53"],
-     "fp32_ms": 79, "int8_ms": 30, "source": "XNNPACK published MobileNetV2 benchmarks (cited in NOTES.md)"},
+     "fp32_ms": 46, "int8_ms": 17, "source": "XNNPACK README, Performance: Raspberry Pi (RPi 4, ARM64 build)"},
+    {"device": "Raspberry Pi 3B+ (Cortex-A53, 32-bit Raspbian, multi-thread XNNPACK)",
+     "match": ["raspberry pi 3", "cortex-a53"],
+     "fp32_ms": 79, "int8_ms": 30, "source": "XNNPACK README, Performance: Raspberry Pi (RPi 3+)"},
     {"device": "Pixel 2", "match": ["pixel 2"], "fp32_ms": 89, "int8_ms": 54,
-     "source": "TFLite docs, quantization-aware training (float vs QAT int8; cited in NOTES.md)"},
+     "source": "TensorFlow Lite docs, Model optimization: latency results (float vs QAT int8)"},
 ]
 
 
@@ -287,6 +290,10 @@ def devices_section(report: dict) -> list[str]:
 
 
 def published_section(report: dict) -> list[str]:
+    """Published MobileNetV2 latencies beside ours: only for models of their input size (224 px)."""
+    prep = report.get("settings", {}).get("preprocessing") or {}
+    if (prep.get("height"), prep.get("width")) != (224, 224):
+        return []
     devices = [report.get("machine", {}).get("cpu_model", "")] + [
         f"{d.get('machine', {}).get('cpu_model', '')} {d.get('machine', {}).get('model', '')}" for d in (report.get("devices") or {}).values()]
     matched = {p["device"] for text in devices for p in published_matches(text)}
@@ -334,7 +341,9 @@ def markdown(report: dict) -> str:
               f"- interpreters: {json.dumps(m.get('interpreters'))}",
               f"- git commit: {report.get('git', {}).get('commit')}{' (uncommitted changes)' if report.get('git', {}).get('dirty') else ''}",
               f"- split: {split.get('kind')}, seed {split.get('seed')}, side {split.get('side')}, "
-              f"{split.get('n_' + str(split.get('side')))} images, conflicts excluded: {split.get('conflicts_excluded')}; "
+              f"{split.get('n_' + str(split.get('side')))} images"
+              + {True: ", label-conflicting groups excluded", False: ", label-conflicting groups kept"}.get(
+                  split.get("conflicts_excluded"), "") + "; "
               f"manifest sha256 {split.get('manifest_sha256')}"
               + (f"; sides of CV fold {split['fold']}" if split.get("fold") is not None else ""),
               f"- decisions: {decision_text(report)}",

@@ -38,8 +38,8 @@ CPU_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnn
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="the .tflite model to time")
-    parser.add_argument("images", nargs="*", help="images to feed (default: seeded random inputs; "
-                                                  "images also time the preprocessing)")
+    parser.add_argument("images", nargs="*", help="images, folders or globs to feed (default: seeded random "
+                                                  "inputs; images also time the preprocessing)")
     parser.add_argument("--threads", default="1", metavar="N,...",
                         help="interpreter thread counts to time, comma-separated, e.g. 1,2,4 (default 1)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
@@ -54,8 +54,11 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    from edge_runtime.predict import find_inputs
+
     threads = parse_threads(args.threads)
-    report = bench(args.model, args.images, threads, warmup=args.warmup, runs=args.runs,
+    images = find_inputs(args.images)[0] if args.images else []  # folders and globs as predict takes them
+    report = bench(args.model, images, threads, warmup=args.warmup, runs=args.runs,
                    backend=args.backend, resolver=args.resolver, quiet=args.quiet or args.json, batch=args.batch,
                    labels=bare_labels(args.labels), prep=bare_prep(args.mean, args.std))
     if args.json:
@@ -114,9 +117,9 @@ def bench(model_path, images=(), threads=(1,), *, warmup=10, runs=100, backend=N
     `labels`/`prep`: for a bare model without metadata or sidecar."""
     from edge_runtime.model import EdgeModel
 
-    if runs < 1 or warmup < 0 or batch < 0:
-        raise OncoliteError(f"--runs {runs} / --warmup {warmup} / --batch {batch}: runs must be >= 1, "
-                            "warmup and batch >= 0")
+    for flag, value, least in (("--runs", runs, 1), ("--warmup", warmup, 0), ("--batch", batch, 0)):
+        if value < least:
+            raise OncoliteError(f"{flag} {value}: give {least} or more")
     results = []
     preprocessing = None
     for count in threads:
@@ -367,7 +370,9 @@ def stage_lines(r: dict) -> list[str]:
     s = r.get("stages_ms")
     if s:
         parts = "  ".join(f"{stage} {s[stage]['p50']:.3f}" for stage in STAGES if s.get(stage))
-        lines.append(f"@{r['threads']} thread(s): image to answer p50 {s['image_to_answer']['p50']:.3f} ms = {parts} "
+        # Without images nothing is decoded or resized: not an image-to-answer figure.
+        what = "image to answer" if s.get("decode") else "pixels to answer (random pixels; give images for decode and resize)"
+        lines.append(f"@{r['threads']} thread(s): {what} p50 {s['image_to_answer']['p50']:.3f} ms = {parts} "
                      f"(x{s['image_to_answer_over_invoke']} of invoke; input {s.get('input_path')})")
     b = r.get("batch")
     if b:

@@ -88,6 +88,17 @@ def quiet_tensorflow_logs():
             sys.meta_path.remove(finder)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: what is wrong, the closest option for a mistyped
+    one, and where the full list is (not the usage block before it)."""
+
+    def error(self, message: str):
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        options = [o for action in self._actions for o in action.option_strings]
+        hint = next((did_you_mean(u.split("=")[0], options) for u in unknown if u.startswith("-")), "")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{hint}; `{self.prog} --help` lists the options\n")
+
+
 def dispatch(prog: str, commands: dict, argv=None, groups: dict | None = None) -> int:
     """Run one command. `groups`: heading -> command names, how the command list is shown
     (default: one list, "commands")."""
@@ -103,10 +114,16 @@ def _dispatch(prog: str, commands: dict, argv, groups: dict) -> int:
     if argv and argv[0] == "--version":
         print(f"{prog} {version()}")
         return 0
+    if argv[:1] == ["help"] and len(argv) > 1:  # `oncolite help predict`: the command's own help
+        argv = [argv[1], "--help"]
     if argv and argv[0] not in ("-h", "--help") and argv[0] not in commands:
         # One line saying what is wrong and the closest command, not the whole list before it.
-        print(f"{prog}: error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}\n"
-              f"`{prog} --help` lists the commands", file=sys.stderr)
+        if argv[0].startswith("-"):
+            command = next((a for a in argv if a in commands), "COMMAND")
+            print(f"{prog}: error: {argv[0]} goes after the command: {prog} {command} ... {argv[0]}", file=sys.stderr)
+        else:
+            print(f"{prog}: error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}\n"
+                  f"`{prog} --help` lists the commands", file=sys.stderr)
         return EXIT_USAGE
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: {prog} COMMAND [options]\n\n{listing}\n\n"
@@ -122,7 +139,7 @@ def run_command(prog: str, module_name: str, description: str, argv: list[str]) 
     one line and exit 2, an interrupt or a closed pipe no traceback. Also what a module run on its
     own uses (`python -m oncolite.benchmarks.float_study`, `run_module`)."""
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = CommandParser(prog=prog, description=description)
     module.add_arguments(parser)
     args = parser.parse_args(argv)
     # Reports and manifests record the command that made them as given, quoted so it can be pasted

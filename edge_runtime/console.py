@@ -137,6 +137,11 @@ def result(args, line: str) -> None:
         print(line)
 
 
+def file_size(size_bytes: int) -> str:
+    """A file's size for people: "2.72 MB", "48.3 KB" (a tiny test model is not "0.00 MB")."""
+    return f"{size_bytes / 1e6:.2f} MB" if size_bytes >= 1e6 else f"{size_bytes / 1e3:.1f} KB"
+
+
 def did_you_mean(name: str, choices) -> str:
     """" (did you mean 'x'?)", closest first, for the one-line error that refuses a mistyped
     `name` (a key, a command); "" when no choice is close."""

@@ -74,6 +74,8 @@ def main(args) -> int:
 
     if args.top_k < 1:
         raise OncoliteError(f"--top-k {args.top_k}: give 1 or more classes to list")
+    if args.csv and args.json:
+        raise OncoliteError("--csv and --json: give one (both write every answer to stdout)")
     model_path, paths = split_model_argument(args.model, args.paths)
     files, skipped = find_inputs(paths)
     done, appending = set(), False
@@ -129,7 +131,9 @@ def main(args) -> int:
 
 def split_model_argument(model: str | None, paths: list[str]) -> tuple[str | None, list[str]]:
     """`predict MODEL PATH...` or `predict PATH...` (shipped model) or `predict --model M PATH...`."""
-    if model is None and paths and paths[0].lower().endswith(".tflite"):
+    if paths and paths[0].lower().endswith(".tflite"):
+        if model is not None:
+            raise OncoliteError(f"two models: {paths[0]} and --model {model}; give one")
         return paths[0], paths[1:]
     return model, paths
 

@@ -60,6 +60,8 @@ _MODE_NAMES = {"1": "1-bit", "L": "8-bit gray", "P": "palette", "LA": "gray+alph
 _ALPHA = ("RGBA", "LA", "La", "PA", "RGBa")
 # 16/32-bit images become 8-bit in bands of this many pixels: one float64 band, not the image.
 _BAND_PIXELS = 2**20
+# The largest image `resize` checks for gray (2048 x 2048): its three bands and one copy, ~16 MB.
+_GRAY_CHECK_PIXELS = 2**22
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,8 @@ def open_image(source, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_DECODE
     name = _name(source)
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
+            if len(source) == 0:
+                raise ImageError(f"{name}: empty file (0 bytes); send the image again")
             return _decode(io.BytesIO(bytes(source)), name, max_pixels, max_bytes, at_least)
         _check_regular_file(Path(source), name)
         with open(source, "rb") as fp:
@@ -242,7 +246,8 @@ def _jpeg_samples(im: Image.Image, full_size: tuple[int, int]) -> int:
 def _check_regular_file(path: Path, name: str) -> None:
     # Opening a FIFO (or a device) for reading blocks until a writer comes: refuse it from its stat.
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
+        mode = st.st_mode
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise ImageError(f"{name}: symlink loop; fix the link") from None
@@ -251,6 +256,8 @@ def _check_regular_file(path: Path, name: str) -> None:
         raise ImageError(f"{name}: is a folder, not an image")
     if not stat.S_ISREG(mode):
         raise ImageError(f"{name}: not a regular file; remove it")
+    if st.st_size == 0:
+        raise ImageError(f"{name}: empty file (0 bytes); copy the image again")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -304,18 +311,26 @@ def resize(im: Image.Image, prep: Preprocessing) -> np.ndarray:
 
     A gray image stored as RGB (an ultrasound frame, nearly always) is resized as its one band:
     Pillow resamples every band with the same arithmetic, so the pixels are the same, in under
-    half the time of the RGB resize (Pillow works on RGB as four bytes a pixel)."""
+    half the time of the RGB resize (Pillow works on RGB as four bytes a pixel). Only up to
+    _GRAY_CHECK_PIXELS: the check holds the three bands, which a large image's memory budget
+    (MAX_DECODE_BYTES) has no room for."""
     size = (prep.width, prep.height)
     if im.size == size:
         return np.asarray(im, dtype=np.uint8)
     resample = _RESAMPLE[prep.resample]
-    red, green, blue = im.split()
-    if red.tobytes() == green.tobytes() == blue.tobytes():
-        gray = red.resize(size, resample)
+    band = _gray_band(im) if im.width * im.height <= _GRAY_CHECK_PIXELS else None
+    if band is not None:
+        gray = band.resize(size, resample)
         im = Image.merge("RGB", (gray, gray, gray))
     else:
         im = im.resize(size, resample)
     return np.asarray(im, dtype=np.uint8)
+
+
+def _gray_band(im: Image.Image) -> Image.Image | None:
+    """The one band of an RGB image whose three bands are equal, else None."""
+    red, green, blue = im.split()
+    return red if red.tobytes() == green.tobytes() == blue.tobytes() else None
 
 
 def normalize(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:

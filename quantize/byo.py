@@ -2,7 +2,8 @@
 like a run's float model.
 
 MODEL is a Keras file (`.keras`, `.h5`) or a SavedModel directory written by Keras. It is
-loaded with tf-keras, nested sub-models are flattened (train.model.flatten), and its output is
+loaded with tf-keras (a file saved by Keras 3 becomes its tf-keras twin: quantize.keras3),
+nested sub-models are flattened (train.model.flatten), and its output is
 made one probability per class: a softmax output stays as it is, logits get a Softmax layer, a
 single sigmoid unit p becomes [1 - p, p] (a fixed Dense layer). The input size comes from the
 model; the normalization is given (--mean/--std) or read from the model: a Rescaling or
@@ -57,7 +58,8 @@ def source_sha256(path) -> str:
 
 
 def load_foreign_model(path):
-    """A tf-keras model from a .keras/.h5 file or a Keras SavedModel directory (one-line errors)."""
+    """A tf-keras model from a .keras/.h5 file (tf-keras' or Keras 3's) or a Keras SavedModel
+    directory (one-line errors)."""
     import oncolite.train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
     import tf_keras as keras
 
@@ -73,12 +75,18 @@ def load_foreign_model(path):
         # safe_mode refuses arbitrary code in .keras archives; .h5 and SavedModel ignore it.
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # noqa: BLE001 - Keras raises anything from ValueError to KeyError on foreign files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ModelError(f"{path}: cannot load it as a tf-keras model ({first}); save it from Keras 2 / tf-keras "
-                         "with model.save(), without custom layers or Lambda layers") from None
+        from .keras3 import load_keras3, tf_keras_twin
+
+        saved_by_keras3 = load_keras3(path) if path.is_file() else None
+        if saved_by_keras3 is not None:
+            return tf_keras_twin(saved_by_keras3, path)
+        first = " ".join(str(e).split()) or type(e).__name__
+        first = first if len(first) <= 200 else first[:199] + "…"
+        raise ModelError(f"{path}: cannot load it as a Keras model ({first}); save it with model.save() from "
+                         "Keras 3 or tf-keras, without custom layers or Lambda layers") from None
     if not isinstance(model, keras.Model) or not hasattr(model, "layers"):
-        raise ModelError(f"{path}: a SavedModel without a Keras model inside; save the model with Keras' "
-                         "model.save() or give the .keras/.h5 file")
+        raise ModelError(f"{path}: a SavedModel without a Keras model inside (Keras 3's model.export() writes "
+                         "such an inference-only one); give the .keras or .h5 file it was exported from")
     return model
 
 

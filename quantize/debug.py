@@ -24,6 +24,7 @@ import oncolite.train  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from edge_runtime.atomic import write_json, write_text
+from edge_runtime.console import file_size
 from edge_runtime.model import EdgeModel
 from . import checks
 from .rundir import Run
@@ -143,7 +144,7 @@ def report_markdown(report: dict) -> str:
     for name, row in report["variants"].items():
         ratio = f"{row['size_vs_fp32']:.2f}" if row["size_vs_fp32"] else "-"
         band = "-" if row.get("uncertain_margin") is None else f"{row['uncertain_margin']:.3f}"
-        lines.append(f"| {name} | {row['size_bytes'] / 1e6:.2f} MB | {ratio} | {row['io']} | {row['accuracy']:.3f} | "
+        lines.append(f"| {name} | {file_size(row['size_bytes'])} | {ratio} | {row['io']} | {row['accuracy']:.3f} | "
                      f"{row['mcc']:.3f} | {row['agreement']:.1%} | {row.get('mean_abs_prob_diff', 0):.4f} | "
                      f"{row['max_prob_diff']:.4f} | {band} | {len(row['float_ops'])} |")
     shipped = report.get("int8")

@@ -39,12 +39,13 @@ import numpy as np
 
 from edge_runtime.atomic import atomic_path, write_bytes, write_json
 from edge_runtime.backends import make_interpreter
-from edge_runtime.console import (Log, add_output_flags, native_log_level, native_stderr_filtered,
+from edge_runtime.console import (Log, add_output_flags, file_size, native_log_level, native_stderr_filtered,
                                   print_json, progress, result, say)
 from edge_runtime.decision import margin_errors
 from edge_runtime.errors import EXIT_OK, OncoliteError
 from edge_runtime.hashing import bytes_sha256, file_sha256
 from edge_runtime.metadata import write_metadata
+from edge_runtime.model import to_probabilities
 from edge_runtime.preprocess import dequantize, normalize, preprocess, quantize
 from edge_runtime.variants import INT8_CANDIDATES, SELECTABLE, VARIANTS, io_type
 from . import checks
@@ -163,8 +164,10 @@ def io_facts(model_bytes: bytes) -> dict:
 
 
 def run_model_bytes(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
-    """N x C outputs of a converted model on normalized float inputs, one image at a time,
-    quantized as the device quantizes them (before the file with metadata exists)."""
+    """N x C probabilities of a converted model on normalized float inputs, one image at a time,
+    quantized and read out as the device does (EdgeModel.run: an int8 softmax renormalized to sum
+    to 1), before the file with metadata exists: the uncertain band and the choice of `int8` are
+    made on the probabilities the device will compute."""
     interpreter, _ = make_interpreter(model_bytes, backend="ai-edge-litert")
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     rows = []
@@ -175,7 +178,7 @@ def run_model_bytes(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
         interpreter.set_tensor(inp["index"], tensor)
         interpreter.invoke()
         y = interpreter.get_tensor(out["index"])[0]
-        rows.append(dequantize(y, *out["quantization"]) if out["dtype"] != np.float32 else y)
+        rows.append(to_probabilities(dequantize(y, *out["quantization"]) if out["dtype"] != np.float32 else y))
     return np.asarray(rows, dtype=np.float64)
 
 
@@ -613,7 +616,7 @@ def main(args) -> int:
     write_report(run, report)
     if report.get("int8"):
         record_gate(run, report)
-    lines = [f"{name:<20} {row['size_bytes'] / 1e6:7.2f} MB  accuracy {row['accuracy']:.3f}  MCC {row['mcc']:.3f}  "
+    lines = [f"{name:<20} {file_size(row['size_bytes']):>10}  accuracy {row['accuracy']:.3f}  MCC {row['mcc']:.3f}  "
              f"agreement {row['agreement']:.1%}  ({row['status']})" for name, row in report["variants"].items()]
     lines += [f"warning: {warning}" for warning in report["warnings"]]
     if byo:

@@ -1,6 +1,6 @@
 """`oncolite quantize RUN_DIR`: quantization-aware fine-tuning of a run's float model.
 
-The recipe follows what was measured here (docs NOTES, "tfmot quantization-aware training"):
+The recipe follows what was measured here (docs/STACK.md, "tfmot quantization-aware training"):
 1. flatten the float model (tfmot refuses nested models) and wrap it with `quantize_model`;
 2. fold each BatchNorm into its conv, so the fake-quantized kernels are the ones the converter
    will round, and start from kernels already on their int8 grid (quantize.rounding);

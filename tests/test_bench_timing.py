@@ -75,11 +75,13 @@ def test_edge_bench_reports_the_split_batch_and_cpu(tmp_path, images, variant):
 
 
 def test_edge_bench_without_images_skips_decode(tmp_path):
-    from edge_runtime.bench import bench
+    from edge_runtime.bench import bench, format_report
 
     report = bench(edge_models.model_file(tmp_path, "int8"), [], (1,), warmup=0, runs=2, quiet=True, batch=0)
     stages = report["threads"][0]["stages_ms"]
     assert stages["decode"] is None and stages["resize"] is None and stages["invoke"]["p50"] >= 0
+    text = "\n".join(format_report(report))
+    assert "pixels to answer (random pixels" in text and "image to answer" not in text
     assert "batch" not in report["threads"][0]
 
 

@@ -152,7 +152,74 @@ def test_lambda_layer_gets_a_one_line_reason(tmp_path, data, capsys):
     model.save(tmp_path / "lambda.keras")
     assert export(tmp_path / "lambda.keras", "--data", data) == 2
     err = capsys.readouterr().err.strip()
-    assert "cannot load it as a tf-keras model" in err and len(err.splitlines()) == 1
+    assert "cannot load it as a Keras model" in err and len(err.splitlines()) == 1
+
+
+def keras3_classifier(nested: bool = False, logits: bool = False):
+    """small_classifier's network built with Keras 3 (`import keras`, what TensorFlow's users
+    get today), which tf-keras cannot read."""
+    import keras
+
+    assert keras.__version__.startswith("3")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    y = keras.layers.ReLU(6.0)(x)
+    y = keras.layers.DepthwiseConv2D(3, padding="same")(y)
+    x = keras.layers.Add()([x, y])
+    features = keras.layers.GlobalAveragePooling2D()(x)
+    head = keras.layers.Dense(len(LABELS), activation=None if logits else "softmax")
+    if nested:
+        return keras.Sequential([keras.Input((SIZE, SIZE, 3)), keras.Model(inputs, features, name="backbone"), head])
+    return keras.Model(inputs, head(features))
+
+
+@pytest.mark.parametrize("suffix, nested", [(".keras", False), (".h5", True)])
+def test_a_model_saved_by_keras_3_exports_through_its_tf_keras_twin(tmp_path, data, capsys, suffix, nested):
+    import keras
+    import tf_keras
+
+    from edge_runtime.model import EdgeModel
+    from edge_runtime.preprocess import Preprocessing, preprocess
+
+    original = keras3_classifier(nested=nested, logits=nested)
+    # Trained a little, so BatchNorm's moving statistics are not their initial values.
+    x = np.random.default_rng(2).uniform(0, 255, (16, SIZE, SIZE, 3)).astype(np.float32)
+    original.compile("adam", "sparse_categorical_crossentropy" if not nested else
+                     keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    original.fit(x, np.arange(16) % 2, epochs=2, verbose=0)
+    model_path = tmp_path / f"k3{suffix}"
+    original.save(model_path)
+    out = tmp_path / "out"
+    assert export(model_path, "--data", data, "--out", out, "--variants", "fp32,int8_ptq,int8_gptq,int8",
+                  "--calibration-images", 6, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["int8"]["from"] in ("int8_ptq", "int8_gptq")
+    twin = tf_keras.models.load_model(out / "float.keras", compile=False, safe_mode=True)
+    images = sorted((data / "benign").iterdir())[:3]
+    pixels = np.stack([preprocess(f, Preprocessing(height=SIZE, width=SIZE, mean=(0.0,) * 3, std=(1.0,) * 3))
+                       for f in images])
+    want = np.asarray(original(pixels, training=False))
+    want = np.exp(want) / np.exp(want).sum(axis=1, keepdims=True) if nested else want  # logits: a Softmax appended
+    np.testing.assert_allclose(twin.predict(pixels, verbose=0), want, atol=1e-5)
+    fp32 = EdgeModel.load(out / "fp32.tflite")
+    np.testing.assert_allclose(np.stack([fp32.predict_file(f) for f in images]), want, atol=1e-4)
+
+
+def test_a_keras_3_layer_tf_keras_lacks_gets_a_one_line_reason(tmp_path, data, capsys):
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = keras.layers.RMSNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x)).save(tmp_path / "rms.keras")
+    assert export(tmp_path / "rms.keras", "--data", data) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'rms_normalization' is a RMSNormalization, which tf-keras does not have" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_folder_halves_are_disjoint_and_stratified(data):

@@ -173,6 +173,30 @@ def test_oncolite_help_lists_every_command_once_by_stage(capsys):
     assert "full report" in benchmark and "`bench`" in benchmark and "`oncolite benchmark`" in bench
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["predict", "x.png", "--jsn"], "unrecognized arguments: --jsn (did you mean '--json'"),
+    (["config", "--profile", "quik"], "invalid choice: 'quik'"),
+    (["--json", "predict", "x.png"], "--json goes after the command: oncolite predict ... --json"),
+])
+def test_a_usage_mistake_is_one_line_with_the_fix(capsys, argv, expected):
+    from oncolite.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own exit, through CommandParser.error
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_help_before_a_command_shows_its_help(capsys):
+    from oncolite.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["help", "info"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: oncolite info")
+
+
 def test_the_run_directory_is_the_first_argument():
     for name in RUN_COMMANDS:
         assert positionals(parser_of(name))[0].startswith("RUN_DIR"), name

@@ -154,3 +154,10 @@ def test_time_model_on_random_inputs(setup):
 def test_bench_rejects_bad_thread_list(setup, capsys):
     code, _, err = run(["bench", str(setup["model"]), "--threads", "two"], capsys)
     assert code == EXIT_USAGE and "--threads" in err
+
+
+def test_two_models_or_two_output_formats_are_refused_in_one_line(setup, capsys):
+    code, _, err = run(["predict", str(setup["model"]), *map(str, setup["good"]), "--model", str(setup["model"])], capsys)
+    assert code == 2 and "two models" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(["predict", str(setup["model"]), *map(str, setup["good"]), "--csv", "--json"], capsys)
+    assert code == 2 and "--csv and --json" in err and len(err.strip().splitlines()) == 1

@@ -73,3 +73,17 @@ def test_a_gray_image_resized_as_one_band_gives_pillows_rgb_resize_exactly(width
     got = resize(im, prep)
     assert got.shape == (out_h, out_w, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got, expected)
+
+
+def test_a_large_gray_image_is_resized_as_rgb_within_the_memory_budget(monkeypatch):
+    # Above _GRAY_CHECK_PIXELS the three bands are not split out (memory): the same pixels anyway.
+    from edge_runtime import preprocess as module
+
+    monkeypatch.setattr(module, "_GRAY_CHECK_PIXELS", 15)
+    split = []
+    monkeypatch.setattr(module, "_gray_band", lambda im: split.append(im.size) or None)
+    band = np.random.default_rng(0).integers(0, 256, (4, 4, 1), dtype=np.uint8)
+    for side in (3, 4):  # 9 pixels: checked; 16: not
+        im = Image.fromarray(np.repeat(band[:side, :side], 3, axis=2), "RGB")
+        resize(im, Preprocessing(height=2, width=2))
+    assert split == [(3, 3)]

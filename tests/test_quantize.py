@@ -65,7 +65,7 @@ def run_dir(tmp_path_factory):
 
     x, y = load_arrays(run.sides()["train"], LABELS, run.prep)
     model = build_classifier(3, SIZE, SIZE, alpha=0.35, weights=None, dropout=0.0)
-    for layer in model.layers:  # from scratch, BN's default 0.999 momentum never leaves its init (NOTES)
+    for layer in model.layers:  # from scratch, BN's default 0.999 momentum never leaves its init (docs/STACK.md)
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = 0.5
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
@@ -363,3 +363,18 @@ def test_an_earlier_export_of_a_changed_float_model_is_marked_stale(run_dir, exp
         f.write(b"\0")  # another training's bytes
     status = on_disk(open_run(copy), exclude={})["int8_ptq"]["status"]
     assert "STALE" in status and "--variants int8_ptq" in status
+
+
+@pytest.mark.parametrize("variant", ["int8", "fp32"])
+def test_export_reads_a_converted_model_as_the_device_does(tmp_path, variant):
+    """The uncertain band and the choice of `int8` come from run_model_bytes: its probabilities
+    must be the device's (EdgeModel: an int8 softmax renormalized), not the raw dequantized output."""
+    import edge_models
+    from edge_runtime.model import EdgeModel
+    from oncolite.quantize.export import run_model_bytes
+
+    path = edge_models.model_file(tmp_path, variant)
+    x = edge_models.calibration_images(6)
+    probs = run_model_bytes(edge_models.tflite_bytes(variant), x)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(probs, EdgeModel.load(path).predict(x), atol=1e-6)

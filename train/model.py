@@ -94,7 +94,7 @@ def set_trainable_depth(model: keras.Model, depth: int | None, train_batchnorm: 
     """Freeze the backbone except its top `depth` layers (0: all frozen; None: all trainable).
 
     BatchNormalization layers stay frozen (inference mode) unless `train_batchnorm`: with a
-    few hundred images pretrained statistics would drift (see NOTES: momentum 0.999 collapses
+    few hundred images pretrained statistics would drift (docs/STACK.md: momentum 0.999 collapses
     to one class). A backbone trained from scratch (weights=None) has no statistics worth
     keeping: pass train_batchnorm=True for it.
     """
