@@ -406,6 +406,17 @@ def test_tune_searches_on_validation_and_returns_a_config_from_the_space(tmp_pat
         assert "test" not in json.loads((trial / "train" / "summary.json").read_text())  # never looked at
 
 
+def test_the_configs_tune_trials_runs_the_search_as_tune_does(tmp_path):
+    # `--set tune.trials=N` (what `oncolite run` passes on) searches like `train --tune N`.
+    manifest = planted_manifest(tmp_path, TL_VS_BR, counts=(6, 3, 3))
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in {**TINY, "head_epochs": 1, "finetune_epochs": 1}.items()]
+    done = oncolite("train", tmp_path / "run", "--manifest", manifest, "--quiet", *sets,
+                    "--set", "tune.trials=1", "--set", "tune.epochs=1", timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "run" / "train" / "tune" / "results.json").read_text())
+    assert len(results["trials"]) == 1
+
+
 DETERMINISTIC = r"""
 import json, sys
 from oncolite.train.config import load_config

@@ -133,11 +133,13 @@ def main(args) -> int:
         run_dir = Path(given or WORKSPACE / "runs" / f"{Path(args.manifest).resolve().parent.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         # --folds 1 is one train/val/test split, as in `split` and `run` (the manifest's own split).
         folds, fold = (None if args.folds == 1 else args.folds), args.fold
+    # KerasTuner trials before training: --tune N, else the config's tune.trials.
+    trials = args.tune if args.tune is not None else int(config["tune"]["trials"])
     if args.force:
         forget_training(run_dir, folds)
     elif finished_mark(run_dir, folds).exists():
         # Tuned settings are the search's choice, unknown before it runs: nothing to compare them with.
-        if not args.tune:
+        if not trials:
             refuse_other_run(run_dir, config, finished=True)
         model = RunDir(run_dir).fold("<i>").float_model if folds else RunDir(run_dir).float_model
         if args.json:
@@ -157,10 +159,10 @@ def main(args) -> int:
         verify_manifest(manifest, check_hashes=manifest.path.suffix.lower() != ".csv")
         for f in range(folds) if folds else [fold]:  # before --tune's trials, too
             check_training_labels(manifest, f)
-        if args.tune:
+        if trials:
             from .tune import tune
 
-            config = tune(run_dir, manifest, config, trials=args.tune, fold=fold, quiet=quiet)
+            config = tune(run_dir, manifest, config, trials=trials, fold=fold, quiet=quiet)
         provenance = {"manifest": str(Path(args.manifest).resolve()), "manifest_sha256": manifest.sha256,
                       "dataset": args.dataset, "profile": profile, "config_file": args.config,
                       "overrides": args.set, "fold": fold, "folds": folds}
