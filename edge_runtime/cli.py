@@ -114,13 +114,14 @@ def _dispatch(prog: str, commands: dict, argv, groups: dict) -> int:
     if argv and argv[0] == "--version":
         print(f"{prog} {version()}")
         return 0
-    if argv[:1] == ["help"] and len(argv) > 1:  # `oncolite help predict`: the command's own help
-        argv = [argv[1], "--help"]
+    if argv[:1] == ["help"]:  # `oncolite help [COMMAND]`: the listing, or the command's own help
+        argv = [argv[1], "--help"] if len(argv) > 1 else ["--help"]
     if argv and argv[0] not in ("-h", "--help") and argv[0] not in commands:
         # One line saying what is wrong and the closest command, not the whole list before it.
-        if argv[0].startswith("-"):
-            command = next((a for a in argv if a in commands), "COMMAND")
-            print(f"{prog}: error: {argv[0]} goes after the command: {prog} {command} ... {argv[0]}", file=sys.stderr)
+        at = next((i for i, a in enumerate(argv) if a in commands), None)
+        if argv[0].startswith("-") and at is not None:
+            moved = shlex.join(argv[:at])
+            print(f"{prog}: error: options go after the command: {prog} {argv[at]} ... {moved}", file=sys.stderr)
         else:
             print(f"{prog}: error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}\n"
                   f"`{prog} --help` lists the commands", file=sys.stderr)

@@ -60,7 +60,7 @@ _MODE_NAMES = {"1": "1-bit", "L": "8-bit gray", "P": "palette", "LA": "gray+alph
 _ALPHA = ("RGBA", "LA", "La", "PA", "RGBa")
 # 16/32-bit images become 8-bit in bands of this many pixels: one float64 band, not the image.
 _BAND_PIXELS = 2**20
-# The largest image `resize` checks for gray (2048 x 2048): its three bands and one copy, ~16 MB.
+# The largest image `resize` checks for gray (2048 x 2048): its three bands and two copies, ~20 MB.
 _GRAY_CHECK_PIXELS = 2**22
 
 
@@ -329,8 +329,15 @@ def resize(im: Image.Image, prep: Preprocessing) -> np.ndarray:
 
 def _gray_band(im: Image.Image) -> Image.Image | None:
     """The one band of an RGB image whose three bands are equal, else None."""
-    red, green, blue = im.split()
-    return red if red.tobytes() == green.tobytes() == blue.tobytes() else None
+    def equal_bands(image):
+        red, green, blue = image.split()
+        return red if red.tobytes() == green.tobytes() == blue.tobytes() else None
+
+    # A colour image is nearly always told by its middle rows: no full split for it.
+    middle = im.height // 2
+    if equal_bands(im.crop((0, middle, im.width, min(im.height, middle + 8)))) is None:
+        return None
+    return equal_bands(im)
 
 
 def normalize(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:

@@ -25,7 +25,10 @@ from edge_runtime.errors import ModelError
 _BASE_KWARGS = {"name", "dtype", "trainable", "dynamic", "input_dim", "input_shape", "batch_input_shape",
                 "batch_size", "weights", "activity_regularizer", "autocast", "implementation"}
 _UNUSED = ("_initializer", "_regularizer", "_constraint")
+# Arguments Keras 3 renamed: its name -> tf-keras' (per layer class).
+_RENAMED = {"LeakyReLU": {"negative_slope": "alpha"}}
 TOLERANCE = 1e-4  # of the outputs, absolute, plus the same relative: float32 rounding, not a changed layer
+PROBE_SIDE = 224  # the side a model of free input size is checked at
 
 
 def load_keras3(path: Path):
@@ -44,15 +47,25 @@ def load_keras3(path: Path):
 
 def tf_keras_twin(model, where):
     """The tf-keras model computing what the Keras 3 `model` computes (ModelError if it cannot)."""
+    inputs, outputs = model.inputs, model.outputs
+    if not isinstance(inputs, (list, tuple)) or len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError(f"{where}: {len(inputs)} inputs and {len(outputs)} outputs; give an image classifier "
+                         "with one image input and one class output")
     twin = _rebuild(model, where)
     _copy_weights(model, twin, where)
-    shape = [2 if d is None else d for d in model.inputs[0].shape]
-    x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
-    want = np.asarray(model(x, training=False))
-    got = np.asarray(twin(x, training=False))
-    if want.shape != got.shape or np.abs(want - got).max() > TOLERANCE * (1 + np.abs(want).max()):
-        raise ModelError(f"{where}: its tf-keras twin computes other outputs than the Keras 3 model "
-                         "(a layer argument tf-keras does not have); save it from tf-keras instead")
+    # Probed on both input ranges a classifier may take (normalized, raw pixels); a free size at 224.
+    shape = [2] + [PROBE_SIDE if d is None else d for d in inputs[0].shape[1:]]
+    rng = np.random.default_rng(0)
+    for low, high in ((-1.0, 1.0), (0.0, 255.0)):
+        x = rng.uniform(low, high, shape).astype(np.float32)
+        try:
+            want = np.asarray(model(x, training=False))
+            got = np.asarray(twin(x, training=False))
+        except Exception as e:  # noqa: BLE001 - whatever a forward pass raises, only this model is unusable
+            raise ModelError(f"{where}: cannot run it on {shape[1:]} inputs ({_reason(e)})") from None
+        if want.shape != got.shape or np.abs(want - got).max() > TOLERANCE * (1 + np.abs(want).max()):
+            raise ModelError(f"{where}: its tf-keras twin computes other outputs than the Keras 3 model "
+                             "(a layer argument tf-keras does not have); save it from tf-keras instead")
     return twin
 
 
@@ -66,7 +79,7 @@ def _rebuild(model, where):
             x = (_rebuild(layer, where) if isinstance(layer, keras.Model) else _twin_layer(layer, where))(x)
         return tf_keras.Model(inputs, x, name=model.name)
     config = model.get_config()
-    tensors = {}
+    tensors, twins, pending = {}, {}, []
 
     def resolve(value):
         # A Keras 3 node's arguments: its tensors named by keras_history (layer, node, index).
@@ -80,17 +93,30 @@ def _rebuild(model, where):
 
     for entry in config["layers"]:
         name = entry["name"]
-        layer = model.get_layer(name)
         if entry["class_name"] == "InputLayer":
             batch_shape = entry["config"].get("batch_shape") or entry["config"].get("batch_input_shape")
             tensors[(name, 0, 0)] = tf_keras.Input(batch_shape=tuple(batch_shape), dtype=entry["config"].get("dtype"),
                                                    name=name)
             continue
-        twin = _rebuild(layer, where) if isinstance(layer, keras.Model) else _twin_layer(layer, where)
-        for node_index, node in enumerate(entry["inbound_nodes"]):
-            out = twin(*resolve(node["args"]), **resolve(node["kwargs"]))
+        try:
+            layer = model.get_layer(name)
+        except ValueError:  # a Keras 3 op (x * 2, keras.ops.mean) in the graph, not a layer
+            raise ModelError(f"{where}: {name!r} is a Keras 3 operation, not a layer; write it as a layer "
+                             "(e.g. Rescaling, Multiply) or save the model from tf-keras") from None
+        twins[name] = _rebuild(layer, where) if isinstance(layer, keras.Model) else _twin_layer(layer, where)
+        pending += [(name, index, node) for index, node in enumerate(entry["inbound_nodes"])]
+    # Each node once its inputs exist: a shared layer's later call may take a later layer's output.
+    while pending:
+        ready = [p for p in pending if _inputs_known(p[2], tensors)]
+        if not ready:
+            raise ModelError(f"{where}: cannot order its graph (node of {pending[0][0]!r}); save it from tf-keras")
+        for name, index, node in ready:
+            # `training` is the saved call's (True for augmentation layers while building): not inference's.
+            kwargs = {k: v for k, v in node["kwargs"].items() if k not in ("training", "mask")}
+            out = twins[name](*resolve(node["args"]), **resolve(kwargs))
             for i, tensor in enumerate(out if isinstance(out, (list, tuple)) else [out]):
-                tensors[(name, node_index, i)] = tensor
+                tensors[(name, index, i)] = tensor
+        pending = [p for p in pending if p not in ready]
 
     def ends(key):
         found = config[key]
@@ -102,6 +128,23 @@ def _rebuild(model, where):
                           name=model.name)
 
 
+def _inputs_known(node, tensors) -> bool:
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict) and value.get("class_name") == "__keras_tensor__":
+            found.append(tuple(value["config"]["keras_history"]))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+
+    walk([node["args"], node["kwargs"]])
+    return all(key in tensors for key in found)
+
+
 def _twin_layer(layer, where):
     import tf_keras
 
@@ -111,8 +154,10 @@ def _twin_layer(layer, where):
         raise ModelError(f"{where}: layer {layer.name!r} is a {kind}, which tf-keras does not have; "
                          "save the model from tf-keras, or with built-in layers only")
     accepted = set(inspect.signature(cls.__init__).parameters) | _BASE_KWARGS
+    renamed = _RENAMED.get(kind, {})
     config = {}
     for key, value in layer.get_config().items():
+        key = renamed.get(key, key)
         if key.endswith(_UNUSED) or key not in accepted:
             continue
         if key == "dtype" and isinstance(value, dict):  # a Keras 3 DTypePolicy: its name ("float32", "mixed_float16")
@@ -122,8 +167,14 @@ def _twin_layer(layer, where):
         return cls.from_config(config)
     except Exception as e:  # noqa: BLE001 - a config tf-keras reads otherwise
         raise ModelError(f"{where}: layer {layer.name!r} ({kind}) cannot be rebuilt in tf-keras "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
-                         "save the model from tf-keras") from None
+                         f"({_reason(e)}); save the model from tf-keras") from None
+
+
+def _reason(e: Exception) -> str:
+    """An exception in one line: its end, where Keras says what it could not do (its start is
+    often the whole config)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 160 else "…" + text[-160:]
 
 
 def _copy_weights(source, twin, where) -> None:
@@ -137,4 +188,4 @@ def _copy_weights(source, twin, where) -> None:
             target.set_weights(weights)
         except ValueError as e:
             raise ModelError(f"{where}: layer {layer.name!r}'s weights do not fit its tf-keras twin "
-                             f"({str(e).splitlines()[0][:120]}); save the model from tf-keras") from None
+                             f"({_reason(e)}); save the model from tf-keras") from None

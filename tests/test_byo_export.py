@@ -230,3 +230,38 @@ def test_folder_halves_are_disjoint_and_stratified(data):
     assert train and val and not train & val
     for label in LABELS:
         assert sum(it["label"] == label for it in split["val"]) == 4
+
+
+def test_keras_3_graphs_of_every_common_shape_get_an_exact_twin_or_one_line(tmp_path):
+    """Augmentation layers (saved with training=True) stay off in the twin; a layer shared across
+    the graph, a free input size and a renamed argument come through; a Keras 3 op is refused."""
+    import keras
+
+    import oncolite.train  # noqa: F401
+    from edge_runtime.errors import ModelError
+    from oncolite.quantize.byo import load_foreign_model
+
+    def head(x):
+        return keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.RandomFlip()(inputs)
+    x = keras.layers.RandomRotation(0.2)(x)
+    augmented = keras.Model(inputs, head(keras.layers.Conv2D(4, 3)(keras.layers.Rescaling(1 / 255)(x))))
+    inputs = keras.Input((SIZE, SIZE, 3))
+    shared = keras.layers.Conv2D(3, 3, padding="same")
+    x = shared(keras.layers.Conv2D(3, 1, name="mid")(shared(inputs)))
+    reused = keras.Model(inputs, head(keras.layers.LeakyReLU(negative_slope=0.1)(x)))
+    inputs = keras.Input((None, None, 3))
+    free = keras.Model(inputs, head(keras.layers.Conv2D(3, 3)(inputs)))
+    pixels = np.random.default_rng(3).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
+    for name, model in {"augmented": augmented, "reused": reused, "free": free}.items():
+        model.save(tmp_path / f"{name}.keras")
+        twin = load_foreign_model(tmp_path / f"{name}.keras")
+        np.testing.assert_allclose(twin.predict(pixels, verbose=0), np.asarray(model(pixels, training=False)),
+                                   atol=1e-5, err_msg=name)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    keras.Model(inputs, head(inputs * 2.0)).save(tmp_path / "op.keras")
+    with pytest.raises(ModelError, match="is a Keras 3 operation, not a layer"):
+        load_foreign_model(tmp_path / "op.keras")

@@ -176,7 +176,7 @@ def test_oncolite_help_lists_every_command_once_by_stage(capsys):
 @pytest.mark.parametrize("argv, expected", [
     (["predict", "x.png", "--jsn"], "unrecognized arguments: --jsn (did you mean '--json'"),
     (["config", "--profile", "quik"], "invalid choice: 'quik'"),
-    (["--json", "predict", "x.png"], "--json goes after the command: oncolite predict ... --json"),
+    (["--json", "predict", "x.png"], "options go after the command: oncolite predict ... --json"),
 ])
 def test_a_usage_mistake_is_one_line_with_the_fix(capsys, argv, expected):
     from oncolite.cli import main
