@@ -495,7 +495,7 @@ def with_overrides(config: dict, pairs: list[str], section: str) -> dict:
     merged = deep_merge(config, overrides)
     for name, (test, accepted) in RULES.items():
         if _set_by([("--set", overrides)], name) >= 0 and not test(_lookup(merged, name)):
-            raise ConfigError(f"--set {name}={json.dumps(_lookup(merged, name))}: must be {accepted}")
+            raise ConfigError(f"--set: {name}={json.dumps(_lookup(merged, name))} must be {accepted}")
     return merged
 
 
