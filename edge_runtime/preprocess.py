@@ -247,14 +247,13 @@ def _check_regular_file(path: Path, name: str) -> None:
     # Opening a FIFO (or a device) for reading blocks until a writer comes: refuse it from its stat.
     try:
         st = os.stat(path)
-        mode = st.st_mode
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise ImageError(f"{name}: symlink loop; fix the link") from None
         raise  # not found, permission denied: reported by open_image
-    if stat.S_ISDIR(mode):
+    if stat.S_ISDIR(st.st_mode):
         raise ImageError(f"{name}: is a folder, not an image")
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(st.st_mode):
         raise ImageError(f"{name}: not a regular file; remove it")
     if st.st_size == 0:
         raise ImageError(f"{name}: empty file (0 bytes); copy the image again")

@@ -76,7 +76,7 @@ def _rebuild(model, where):
     if isinstance(model, keras.Sequential):
         x = inputs = tf_keras.Input(batch_shape=tuple(model.inputs[0].shape), dtype=model.inputs[0].dtype)
         for layer in model.layers:
-            x = (_rebuild(layer, where) if isinstance(layer, keras.Model) else _twin_layer(layer, where))(x)
+            x = _twin(layer, where)(x)
         return tf_keras.Model(inputs, x, name=model.name)
     config = model.get_config()
     tensors, twins, pending = {}, {}, []
@@ -103,20 +103,26 @@ def _rebuild(model, where):
         except ValueError:  # a Keras 3 op (x * 2, keras.ops.mean) in the graph, not a layer
             raise ModelError(f"{where}: {name!r} is a Keras 3 operation, not a layer; write it as a layer "
                              "(e.g. Rescaling, Multiply) or save the model from tf-keras") from None
-        twins[name] = _rebuild(layer, where) if isinstance(layer, keras.Model) else _twin_layer(layer, where)
+        twins[name] = _twin(layer, where)
         pending += [(name, index, node) for index, node in enumerate(entry["inbound_nodes"])]
-    # Each node once its inputs exist: a shared layer's later call may take a later layer's output.
+    # Each node once its inputs exist (resolve finds them all): a shared layer's later call may
+    # take a later layer's output.
     while pending:
-        ready = [p for p in pending if _inputs_known(p[2], tensors)]
-        if not ready:
-            raise ModelError(f"{where}: cannot order its graph (node of {pending[0][0]!r}); save it from tf-keras")
-        for name, index, node in ready:
+        waiting = []
+        for name, index, node in pending:
             # `training` is the saved call's (True for augmentation layers while building): not inference's.
             kwargs = {k: v for k, v in node["kwargs"].items() if k not in ("training", "mask")}
-            out = twins[name](*resolve(node["args"]), **resolve(kwargs))
+            try:
+                args, kwargs = resolve(node["args"]), resolve(kwargs)
+            except KeyError:
+                waiting.append((name, index, node))
+                continue
+            out = twins[name](*args, **kwargs)
             for i, tensor in enumerate(out if isinstance(out, (list, tuple)) else [out]):
                 tensors[(name, index, i)] = tensor
-        pending = [p for p in pending if p not in ready]
+        if len(waiting) == len(pending):
+            raise ModelError(f"{where}: cannot order its graph (node of {waiting[0][0]!r}); save it from tf-keras")
+        pending = waiting
 
     def ends(key):
         found = config[key]
@@ -128,21 +134,11 @@ def _rebuild(model, where):
                           name=model.name)
 
 
-def _inputs_known(node, tensors) -> bool:
-    found = []
+def _twin(layer, where):
+    """A nested model rebuilt, a layer twinned."""
+    import keras
 
-    def walk(value):
-        if isinstance(value, dict) and value.get("class_name") == "__keras_tensor__":
-            found.append(tuple(value["config"]["keras_history"]))
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-
-    walk([node["args"], node["kwargs"]])
-    return all(key in tensors for key in found)
+    return _rebuild(layer, where) if isinstance(layer, keras.Model) else _twin_layer(layer, where)
 
 
 def _twin_layer(layer, where):
